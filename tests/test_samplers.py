@@ -1,0 +1,71 @@
+import math
+
+import numpy as np
+import pytest
+
+from xbackend.errors import XBackendError
+from xbackend.samplers import (Sampler, SamplingSettings, greedy, parse_mode, portable, portable_uniforms,
+                               tempered_probs)
+
+
+def test_portable_noise_is_a_pure_function_of_its_key():
+    a = portable_uniforms(7, 3, 2, 1000)
+    assert np.array_equal(a, portable_uniforms(7, 3, 2, 1000))
+    assert not np.array_equal(a, portable_uniforms(7, 3, 1, 1000))
+    assert not np.array_equal(a, portable_uniforms(8, 3, 2, 1000))
+    assert a.min() > 0 and a.max() < 1
+    # Philox4x64-10 is fixed by its spec: these values must never change across machines or releases,
+    # or portable runs recorded elsewhere stop being comparable.
+    assert portable_uniforms(0, 0, 0, 2).tolist() == [0.011546754286331617, 0.24154919656271817]
+    assert portable_uniforms(299792458, 5, 3, 2).tolist() == [0.4089124481099468, 0.12913401631302107]
+
+
+def test_portable_follows_the_tempered_top_k_distribution():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=40).astype(np.float32) * 2
+    expected = tempered_probs(logits, 0.8, 10)
+    counts = np.zeros(40)
+    n = 6000
+    for step in range(n):
+        counts[portable(logits, 0.8, 10, seed=1, step=step, stream=0).token] += 1
+    assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(expected))
+    assert np.abs(counts / n - expected).max() < 0.02
+
+
+def test_portable_margin_is_in_logit_units():
+    logits = np.array([5.0, 1.0, 0.0], dtype=np.float32)
+    d = portable(logits, 0.5, 0, seed=3, step=0, stream=1)
+    score = logits / 0.5 - np.log(-np.log(portable_uniforms(3, 0, 1, 3)))
+    ranked = np.sort(score)
+    assert d.token == int(np.argmax(score))
+    assert d.margin == pytest.approx((ranked[-1] - ranked[-2]) * 0.5)
+
+
+def test_greedy_margin_and_ties():
+    d = greedy(np.array([1.0, 3.0, 2.5], dtype=np.float32))
+    assert d.token == 1 and d.margin == pytest.approx(0.5)
+    assert greedy(np.array([2.0, 2.0], dtype=np.float32)).margin == 0.0
+
+
+def test_forced_uses_plan_then_greedy():
+    plan = np.array([[2, -1]])
+    s = Sampler("forced", 0, SamplingSettings(), forced_tokens=plan)
+    logits = np.array([0.0, 4.0, 1.0], dtype=np.float32)
+    first = s.decide(0, 0, logits)
+    assert first.token == 2 and first.margin == pytest.approx(-3.0)
+    assert s.decide(0, 1, logits).token == 1
+    assert s.decide(5, 0, logits).token == 1  # beyond the plan: greedy
+
+
+def test_tempered_probs_top_k():
+    p = tempered_probs(np.array([3.0, 2.0, 1.0, 0.0]), 1.0, 2)
+    assert p[2] == 0 and p[3] == 0
+    assert p[0] == pytest.approx(math.e / (math.e + 1))
+
+
+def test_parse_mode():
+    assert parse_mode("portable") == ("portable", None)
+    assert parse_mode("forced:/x/y") == ("forced", "/x/y")
+    for bad in ("random", "forced", "greedy:3"):
+        with pytest.raises(XBackendError):
+            parse_mode(bad)

@@ -1,0 +1,104 @@
+"""Backend registry. Built-ins register through the same hook plugins use.
+
+`torch` and `mlx` are imported only when a backend of theirs is created.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from ..errors import XBackendError
+from ..spec import BackendSpec, parse_spec
+from .base import Backend, Job, LogitsHook, StepRecord, StepRecorder
+
+Factory = Callable[[BackendSpec], Backend]
+_FACTORIES: dict[str, Factory] = {}
+_ENTRY_POINTS_LOADED = False
+ENTRY_POINT_GROUP = "xbackend.backends"
+
+
+def register_backend(name: str, factory: Factory) -> None:
+    """Register `factory(spec) -> Backend` under `name` (the first part of a backend spec)."""
+    _FACTORIES[name.lower()] = factory
+
+
+def _torch(spec: BackendSpec) -> Backend:
+    from .torch_backend import TorchBackend
+
+    return TorchBackend(spec)
+
+
+def _mlx(spec: BackendSpec) -> Backend:
+    from .mlx_backend import MlxBackend
+
+    return MlxBackend(spec)
+
+
+for _name in ("cpu", "cuda", "mps"):
+    register_backend(_name, _torch)
+register_backend("mlx", _mlx)
+BUILTIN_SPECS = ("cpu", "cpu:fp64", "cuda", "cuda:bf16", "mps", "mps:fp16", "mlx", "mlx:cpu", "mlx:gpu", "mlx:q8", "mlx:q4")
+
+
+def load_entry_points() -> None:
+    """Register third-party backends from the `xbackend.backends` entry-point group (once)."""
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        register_backend(ep.name, ep.load())
+
+
+def load_plugin(path: str | Path) -> None:
+    """Execute a plugin file; it registers backends by calling `xbackend.register_backend`."""
+    path = Path(path)
+    if not path.is_file():
+        raise XBackendError(f"Plugin file {path} does not exist", fix="pass --plugin FILE.py")
+    spec = importlib.util.spec_from_file_location(f"xbackend_plugin_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise XBackendError(f"Plugin {path} failed to load ({type(exc).__name__}: {exc})") from None
+
+
+def registered() -> list[str]:
+    load_entry_points()
+    return sorted(_FACTORIES)
+
+
+def create_backend(spec: BackendSpec | str) -> Backend:
+    """A backend instance for `spec`; unknown names raise with the list of known ones."""
+    load_entry_points()
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    factory = _FACTORIES.get(spec.name)
+    if factory is None:
+        raise XBackendError(f"Unknown backend {spec.name!r}",
+                            asked=f"registered backends are {', '.join(sorted(_FACTORIES))}",
+                            fix="run `xbackend backends`, or load a plugin with --plugin FILE.py")
+    backend = factory(spec)
+    backend.label = str(spec)
+    return backend
+
+
+def wrap_backend(spec: BackendSpec | str, on_logits: LogitsHook) -> Factory:
+    """A factory for `spec` whose logits pass through `on_logits(run, step, stream, logits)`
+    before sampling and recording: for fault injection and custom kernels in tests."""
+    base = parse_spec(spec) if isinstance(spec, str) else spec
+
+    def factory(requested: BackendSpec) -> Backend:
+        backend = create_backend(base)
+        backend.on_logits = on_logits
+        return backend
+
+    return factory
+
+
+__all__ = ["Backend", "Job", "StepRecord", "StepRecorder", "register_backend", "create_backend",
+           "wrap_backend", "load_plugin", "registered", "BUILTIN_SPECS"]

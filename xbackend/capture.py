@@ -1,0 +1,152 @@
+"""One capture: one backend, one model, one prompt, one sampler mode, written as a trace."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .backends import Job, StepRecorder, create_backend
+from .backends.base import ALIGNMENTS
+from .errors import BackendFailed, BackendUnavailable, XBackendError
+from .models import ModelRef, resolve_model
+from .prompt import CODES_SUFFIXES, Prompt, codes_digest, load_prompt, read_codes
+from .samplers import Sampler, SamplingSettings, parse_mode
+from .trace import Trace, TraceWriter, load_trace
+
+DEFAULT_SEED = 299792458  # the Rust CLI's default, so runs line up with candle's
+
+
+@dataclass(frozen=True)
+class CaptureRequest:
+    """Everything that defines a run; two traces are comparable when these agree."""
+
+    backend: str
+    model: str = "tiny"
+    model_config: str | None = None
+    prompt: str | None = None
+    seed: int = DEFAULT_SEED
+    steps: int = 50
+    sampler: str = "native"
+    alignment: str = "aligned"
+    settings: SamplingSettings = field(default_factory=SamplingSettings)
+    run_index: int = 0
+
+
+def forced_plan(source: str, model: ModelRef, steps: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Tokens to force `[steps, streams]` (-1 = let the model decide), and user codes if the source has them.
+
+    A trace gives its sampled tokens as they are. An undelayed codes file `[K, T]` (row 0 text,
+    then audio codebooks, as `LMModel.forward` takes) is delayed here: stream k at step s takes
+    codes[k, s - delay_k].
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        ref = load_trace(path)
+        if ref.streams != model.streams:
+            raise XBackendError(f"Forced trace {path} has streams {ref.streams}, model {model.name} has {model.streams}",
+                                fix="force with a trace of the same model")
+        if ref.steps < steps:
+            raise XBackendError(f"Forced trace {path} has {ref.steps} steps, fewer than the {steps} asked for",
+                                fix=f"pass --steps {ref.steps}")
+        return ref.tokens[:steps].astype(np.int64), None
+    if path.suffix.lower() not in CODES_SUFFIXES or not path.is_file():
+        raise XBackendError(f"Forced source {path} is neither a trace directory nor a codes file",
+                            fix="pass forced:TRACE_DIR or forced:codes.npy / codes.safetensors")
+    codes = read_codes(path)
+    n_gen, n_all = 1 + model.dep_q, 1 + int(model.config["n_q"])
+    if codes.shape[0] not in (n_gen, n_all):
+        raise XBackendError(f"Codes file {path} has shape {list(codes.shape)}",
+                            asked=f"model {model.name} needs [{n_all}, T] (text, then all audio codebooks) "
+                            f"or [{n_gen}, T] (text and generated codebooks)",
+                            fix="save the codes in the layout LMModel.forward takes")
+    tokens = np.full((steps, n_gen), -1, dtype=np.int64)
+    for k, delay in enumerate(model.delays):
+        for s in range(steps):
+            if 0 <= s - delay < codes.shape[1]:
+                tokens[s, k] = codes[k, s - delay]
+    user = codes[n_gen:] if codes.shape[0] == n_all and model.n_user else None
+    return tokens, user
+
+
+def make_sampler(req: CaptureRequest, model: ModelRef) -> tuple[Sampler, np.ndarray | None]:
+    mode, arg = parse_mode(req.sampler)
+    if mode != "forced":
+        return Sampler(mode, req.seed, req.settings), None
+    tokens, user = forced_plan(arg, model, req.steps)
+    return Sampler(mode, req.seed, req.settings, forced_tokens=tokens, forced_from=str(arg)), user
+
+
+def check_request(req: CaptureRequest) -> None:
+    if req.steps < 1:
+        raise XBackendError(f"--steps must be at least 1, got {req.steps}")
+    if req.alignment not in ALIGNMENTS:
+        raise XBackendError(f"Unknown alignment {req.alignment!r}", asked=f"available are {', '.join(ALIGNMENTS)}")
+    if not 0 <= req.seed < 2**63:
+        raise XBackendError(f"--seed must be between 0 and 2**63-1, got {req.seed}")
+
+
+def capture(req: CaptureRequest, out: str | Path,
+            progress: Callable[[int, int], None] | None = None) -> Trace:
+    """Run `req` and write its trace to `out`; failures keep the steps done so far."""
+    check_request(req)
+    backend = create_backend(req.backend)
+    reason = backend.unavailable_reason()
+    if reason:
+        raise BackendUnavailable(f"Backend {backend.label} is unavailable: {reason}",
+                                 fix="run `xbackend backends` to see what runs on this machine")
+    model = resolve_model(req.model, req.model_config)
+    sampler, forced_user = make_sampler(req, model)
+    if forced_user is not None:
+        prompt = Prompt(forced_user, str(req.sampler.partition(":")[2]), "codes", codes_digest(forced_user))
+    else:
+        prompt = load_prompt(req.prompt, model, req.steps)
+    job = Job(model, prompt.codes, req.steps, req.seed, sampler, req.alignment, req.run_index)
+    meta = {
+        "backend": backend.label, "library": backend.library, "spec": dataclasses.asdict(backend.spec),
+        "model": model.describe(), "prompt": prompt.describe(), "seed": req.seed,
+        "sampler": sampler.describe(), "settings": dataclasses.asdict(req.settings),
+        "alignment": {"mode": req.alignment, "consumes_late": backend.consumes_late,
+                      "user_delays": model.user_delays},
+        "delays": model.delays, "steps_requested": req.steps, "run_index": req.run_index,
+        "effective": backend.effective(), "env": backend.env(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    writer = TraceWriter(Path(out), meta, model.streams, model.vocab, model.n_user)
+    started = time.perf_counter()
+
+    def on_step(record) -> None:
+        writer.write_step(record.logits, record.tokens, record.margins, record.inputs)
+        if progress:
+            progress(writer.steps, req.steps)
+
+    recorder = StepRecorder(job, model.streams, backend.on_logits)
+    try:
+        backend.load(model)
+        writer.meta["effective"] = backend.effective()  # loading can settle knobs (quantized layers, weights)
+        loaded = time.perf_counter()
+        backend.generate(job, recorder, on_step)
+    except BackendFailed as exc:
+        writer.close("failed", error=str(exc), failed_at=recorder.position())
+        raise
+    except XBackendError as exc:
+        writer.close("failed", error=str(exc))
+        raise
+    except KeyboardInterrupt:
+        writer.close("interrupted", error="interrupted by the user")
+        raise
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        writer.close("failed", error=f"crashed at step {writer.steps}: {message}", failed_at=recorder.position())
+        raise BackendFailed(f"Backend {backend.label} crashed at step {writer.steps} ({message})",
+                            asked=f"the {writer.steps} complete steps are kept in {out}") from exc
+    done = time.perf_counter()
+    steps = max(writer.steps, 1)
+    writer.close("complete", load_s=round(loaded - started, 4), elapsed_s=round(done - loaded, 4),
+                 ms_per_step=round(1000 * (done - loaded) / steps, 3))
+    return load_trace(out)

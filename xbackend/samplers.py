@@ -1,0 +1,154 @@
+"""Sampler modes (SPEC §3): who decides each token, and the margin of every decision.
+
+Every decision except `native` is a pure function of the captured logits and of
+(seed, step, stream), computed here in numpy, so that it is identical on every backend.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import XBackendError
+
+MODES = ("native", "portable", "greedy", "forced")
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Temperature and top-k per stream kind; the defaults are PyTorch `LMGen`'s."""
+
+    temp_text: float = 0.7
+    top_k_text: int = 25
+    temp_audio: float = 0.8
+    top_k_audio: int = 250
+
+    def for_stream(self, stream: int) -> tuple[float, int]:
+        """(temperature, top_k) for stream index `stream` (0 is text)."""
+        return (self.temp_text, self.top_k_text) if stream == 0 else (self.temp_audio, self.top_k_audio)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A sampled token and its margin in logit units (how much drift could flip it)."""
+
+    token: int
+    margin: float
+
+
+def top_two_gap(scores: np.ndarray, token: int) -> float:
+    """Score of `token` minus the best other score (negative when `token` is not the best)."""
+    if scores.shape[-1] < 2:
+        return math.inf
+    others = np.delete(scores, token)
+    return float(scores[token] - others.max())
+
+
+def greedy(logits: np.ndarray) -> Decision:
+    token = int(np.argmax(logits))
+    return Decision(token, top_two_gap(logits.astype(np.float64), token))
+
+
+def portable_uniforms(seed: int, step: int, stream: int, n: int) -> np.ndarray:
+    """Uniforms in (0, 1) from Philox4x64-10 keyed by (seed, step << 16 | stream).
+
+    Counter-based: the noise of one decision depends on nothing but its key, so every
+    backend, process and machine draws the same numbers (53-bit mantissa, centred bins).
+    """
+    key = np.array([seed & _MASK64, ((step << 16) | stream) & _MASK64], dtype=np.uint64)
+    raw = np.random.Philox(key=key).random_raw(n)
+    return ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+
+
+def portable(logits: np.ndarray, temp: float, top_k: int, seed: int, step: int, stream: int) -> Decision:
+    """Top-k + temperature + Gumbel-max, in float64; margin = winner minus runner-up, in logits."""
+    z = logits.astype(np.float64)
+    if temp <= 0:
+        return greedy(logits)
+    z = z / temp
+    v = z.shape[-1]
+    k = v if top_k <= 0 else min(top_k, v)
+    kth = np.partition(z, v - k)[v - k]
+    gumbel = -np.log(-np.log(portable_uniforms(seed, step, stream, v)))
+    score = np.where(z >= kth, z + gumbel, -np.inf)
+    token = int(np.argmax(score))
+    return Decision(token, top_two_gap(score, token) * temp)
+
+
+def tempered_probs(logits: np.ndarray, temp: float, top_k: int) -> np.ndarray:
+    """The distribution a top-k/temperature sampler draws from (float64)."""
+    z = logits.astype(np.float64)
+    if temp <= 0:
+        p = np.zeros_like(z)
+        p[np.argmax(z)] = 1.0
+        return p
+    z = z / temp
+    v = z.shape[-1]
+    k = v if top_k <= 0 else min(top_k, v)
+    kth = np.partition(z, v - k)[v - k]
+    z = np.where(z >= kth, z, -np.inf)
+    z = z - z.max()
+    p = np.exp(z)
+    return p / p.sum()
+
+
+@dataclass
+class Sampler:
+    """Decides tokens for one run. `native` leaves decisions to the backend's own sampler."""
+
+    mode: str
+    seed: int
+    settings: SamplingSettings = field(default_factory=SamplingSettings)
+    forced_tokens: np.ndarray | None = None  # [steps, streams], -1 where the model decides
+    forced_from: str | None = None
+
+    @property
+    def native(self) -> bool:
+        return self.mode == "native"
+
+    def decide(self, step: int, stream: int, logits: np.ndarray) -> Decision:
+        """Token and margin for a non-native mode; `logits` is a 1-D numpy vector."""
+        temp, top_k = self.settings.for_stream(stream)
+        if self.mode == "portable":
+            return portable(logits, temp, top_k, self.seed, step, stream)
+        if self.mode == "forced":
+            token = self.forced_token(step, stream)
+            if token >= 0:
+                return Decision(token, top_two_gap(logits.astype(np.float64), token))
+        return greedy(logits)
+
+    def forced_token(self, step: int, stream: int) -> int:
+        tokens = self.forced_tokens
+        if tokens is None or step >= tokens.shape[0]:
+            return -1
+        return int(tokens[step, stream])
+
+    def describe(self) -> dict:
+        """What goes into a trace's metadata."""
+        out = {"mode": self.mode, "seed": self.seed}
+        if self.forced_from:
+            out["forced_from"] = self.forced_from
+        if self.mode == "portable":
+            out["noise"] = "gumbel from Philox4x64-10 keyed by (seed, step<<16|stream), float64"
+        return out
+
+
+def parse_mode(text: str) -> tuple[str, str | None]:
+    """Split `forced:PATH` into ("forced", PATH); other modes have no argument."""
+    mode, _, arg = text.partition(":")
+    mode = mode.strip().lower()
+    if mode not in MODES:
+        raise XBackendError(
+            f"Unknown sampler {text!r}",
+            asked=f"available are {', '.join(MODES[:3])} and forced:PATH (a trace or a codes file)",
+            fix="pass e.g. --sampler portable",
+        )
+    if mode == "forced" and not arg:
+        raise XBackendError("The forced sampler needs a source", asked=f"--sampler {text!r}",
+                            fix="write forced:PATH, where PATH is a trace directory or a codes file")
+    if mode != "forced" and arg:
+        raise XBackendError(f"The {mode} sampler takes no argument", asked=f"--sampler {text!r}")
+    return mode, arg or None
