@@ -29,7 +29,9 @@ def assert_clean_error(proc: subprocess.CompletedProcess, code: int, *needles: s
     """Exit code as SPEC §5 says, one clear message, never a traceback."""
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.startswith("error: "), proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), proc.stderr
+    assert all(line.startswith(("error: ", "warning: ")) for line in lines), proc.stderr
     for needle in needles:
         assert needle.lower() in proc.stderr.lower(), (needle, proc.stderr)
 

@@ -171,10 +171,11 @@ def load_trace(path: str | os.PathLike) -> Trace:
             raise _bad_trace(path, f"{name} is missing")
         if row:
             steps = min(steps, f.stat().st_size // row)
-    expected = meta.get("steps", 0) if meta.get("status") == "complete" else None
+    expected = meta.get("steps") if meta.get("status") == "complete" else meta.get("steps_requested")
     if meta.get("status") != "complete" or (expected is not None and steps < expected):
         warnings.warn(
-            f"trace {path} is incomplete (status {meta.get('status')!r}"
-            + (f", error: {meta['error']}" if meta.get("error") else "")
-            + f"); loaded its {steps} complete steps", TruncatedTraceWarning, stacklevel=2)
+            f"trace {path} is incomplete (run {meta.get('status')}"
+            + (f": {meta['error']}" if meta.get("error") else "")
+            + f"); loaded its {steps} complete steps" + (f" of {expected}" if expected else ""),
+            TruncatedTraceWarning, stacklevel=2)
     return Trace(path=path, meta=meta, steps=steps, digests=digests[:steps])

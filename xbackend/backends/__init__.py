@@ -89,11 +89,17 @@ def create_backend(spec: BackendSpec | str) -> Backend:
 
 def wrap_backend(spec: BackendSpec | str, on_logits: LogitsHook) -> Factory:
     """A factory for `spec` whose logits pass through `on_logits(run, step, stream, logits)`
-    before sampling and recording: for fault injection and custom kernels in tests."""
+    before sampling and recording: for fault injection and custom kernels in tests.
+
+    The factory registered for `spec` now is the one wrapped, so a plugin may re-register a
+    built-in name around itself (`register_backend("cpu", wrap_backend("cpu", ...))`)."""
     base = parse_spec(spec) if isinstance(spec, str) else spec
+    load_entry_points()
+    inner = _FACTORIES.get(base.name)
 
     def factory(requested: BackendSpec) -> Backend:
-        backend = create_backend(base)
+        backend = inner(base) if inner is not None else create_backend(base)
+        backend.label = str(base)
         backend.on_logits = on_logits
         return backend
 

@@ -1,0 +1,85 @@
+"""The CLI as a user meets it: real subprocesses, exit codes of SPEC §5, one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from .conftest import assert_clean_error, needs_tiny, run_cli
+
+pytestmark = needs_tiny
+
+
+def test_capture_writes_a_trace(tmp_path):
+    proc = run_cli("capture", "--backend", "cpu", "--steps", "4", "--sampler", "greedy", "--out", str(tmp_path / "t"))
+    assert proc.returncode == 0, proc.stderr
+    assert "4 steps of cpu (greedy)" in proc.stdout
+    assert json.loads((tmp_path / "t" / "meta.json").read_text())["status"] == "complete"
+
+
+def test_backends_table_lists_every_builtin():
+    proc = run_cli("backends")
+    assert proc.returncode == 0, proc.stderr
+    for spec in ("cpu:fp64", "cuda", "mps", "mlx:cpu", "mlx:q4"):
+        assert spec in proc.stdout
+    assert "MPS needs macOS" in proc.stdout
+
+
+@pytest.mark.parametrize("args,code,needles", [
+    (["--backend", "tpu"], 2, ["Unknown backend 'tpu'", "registered backends are"]),
+    (["--backend", "cpu:fp8"], 2, ["cpu:fp8"]),
+    (["--backend", "mps"], 3, ["unavailable", "MPS"]),
+    (["--backend", "cuda:fp64"], 2, ["fp64"]),
+    (["--prompt", "/nonexistent/x.wav"], 2, ["does not exist"]),
+    (["--sampler", "random"], 2, ["Unknown sampler"]),
+    (["--sampler", "forced:/nonexistent"], 2, ["neither a trace directory nor a codes file"]),
+    (["--steps", "0"], 2, ["--steps"]),
+    (["--alignment", "sideways"], 2, ["alignment"]),
+    (["--model", "/nonexistent/model"], 2, ["not found"]),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, code, needles):
+    proc = run_cli("capture", "--steps", "2", "--out", str(tmp_path / "t"), *args)
+    assert_clean_error(proc, code, *needles)
+
+
+def test_corrupt_audio(tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio")
+    assert_clean_error(run_cli("capture", "--prompt", str(bad), "--out", str(tmp_path / "t")), 2, "Cannot read audio")
+
+
+def test_codes_file_of_the_wrong_shape(tmp_path):
+    np.save(tmp_path / "codes.npy", np.zeros((5, 40), dtype=np.int64))
+    assert_clean_error(run_cli("capture", "--prompt", str(tmp_path / "codes.npy"), "--out", str(tmp_path / "t")),
+                       2, "5 rows")
+    assert_clean_error(run_cli("capture", "--sampler", f"forced:{tmp_path / 'codes.npy'}", "--out", str(tmp_path / "t")),
+                       2, "shape [5, 40]")
+    np.save(tmp_path / "flat.npy", np.zeros(40, dtype=np.int64))
+    assert_clean_error(run_cli("capture", "--prompt", str(tmp_path / "flat.npy"), "--out", str(tmp_path / "t")),
+                       2, "shape (40,)")
+
+
+def test_checkpoint_that_does_not_fit_its_config(tmp_path):
+    from xbackend.models import TINY
+
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    (local / "model.safetensors").write_bytes((TINY / "model.safetensors").read_bytes())
+    config = json.loads((TINY / "config.json").read_text())
+    config["dim"] = 48
+    (local / "config.json").write_text(json.dumps(config))
+    proc = run_cli("capture", "--model", str(local), "--steps", "2", "--out", str(tmp_path / "t"))
+    assert_clean_error(proc, 2, "does not fit its config")
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    assert meta["status"] == "failed" and "does not fit" in meta["error"]
+
+
+def test_truncated_forced_trace_is_used_up_to_its_last_step(tmp_path):
+    ref = tmp_path / "ref"
+    assert run_cli("capture", "--steps", "6", "--out", str(ref)).returncode == 0
+    digests = (ref / "digests.txt").read_text().splitlines()
+    (ref / "digests.txt").write_text("\n".join(digests[:4]) + "\n")  # as if killed after step 3
+    ok = run_cli("capture", "--steps", "4", "--sampler", f"forced:{ref}", "--out", str(tmp_path / "f"))
+    assert ok.returncode == 0, ok.stderr
+    too_long = run_cli("capture", "--steps", "6", "--sampler", f"forced:{ref}", "--out", str(tmp_path / "g"))
+    assert_clean_error(too_long, 2, "has 4 steps")

@@ -1,0 +1,275 @@
+"""The MLX backend (moshi_mlx) against the PyTorch CPU reference on the bundled tiny model."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import xbackend
+from xbackend import CaptureRequest, XBackendError, capture, register_backend, wrap_backend
+from xbackend.models import resolve_model, to_published_layout
+
+from .conftest import TINY, assert_clean_error, have, run_cli
+
+pytestmark = pytest.mark.mlx
+HAVE_MLX = have("mlx") and have("moshi_mlx")
+needs_mlx = pytest.mark.skipif(not HAVE_MLX, reason="mlx or moshi_mlx not installed (pip install 'mlx[cpu]' moshi_mlx)")
+needs_tiny = pytest.mark.skipif(not TINY.is_file(), reason="bundled tiny model not built (run scripts/make_tiny.py)")
+STEPS = 200
+
+
+def metal() -> bool:
+    if not HAVE_MLX:
+        return False
+    import mlx.core as mx
+
+    return mx.metal.is_available()
+
+
+needs_metal = pytest.mark.skipif(not metal(), reason="MLX has no Metal GPU here (macOS on Apple silicon only)")
+
+
+def run(path, name, **kw):
+    kw.setdefault("backend", "mlx:cpu")
+    return capture(CaptureRequest(**kw), path / name)
+
+
+def step_drift(a, b) -> np.ndarray:
+    """Max |Δlogit| over all streams, per step."""
+    n = min(a.steps, b.steps)
+    return np.max([np.abs(a.logits(s)[:n] - b.logits(s)[:n]).max(axis=1) for s in a.streams], axis=0)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("mlx")
+
+
+@pytest.fixture(scope="module")
+def cpu_native(work):
+    """The PyTorch CPU reference run every MLX run is forced onto."""
+    return run(work, "cpu-native", backend="cpu", steps=STEPS)
+
+
+@pytest.fixture(scope="module")
+def mlx_forced(work, cpu_native):
+    return run(work, "mlx-forced", steps=STEPS, sampler=f"forced:{cpu_native.path}")
+
+
+# --- layout conversion (numpy only) ----------------------------------------------------------
+
+def test_to_published_layout_concatenates_steps_in_order():
+    state = {
+        "depformer.layers.0.self_attn.in_projs.1.weight": np.full((6, 2), 1.0),
+        "depformer.layers.0.self_attn.in_projs.0.weight": np.full((6, 2), 0.0),
+        "depformer.layers.0.self_attn.out_projs.0.weight": np.eye(2),
+        "depformer.layers.0.self_attn.out_projs.1.weight": 2 * np.eye(2),
+        "transformer.layers.0.self_attn.in_projs.0.weight": np.ones((6, 2)),
+        "out_norm.alpha": np.ones((1, 1, 2)),
+    }
+    out = to_published_layout(state)
+    assert sorted(out) == ["depformer.layers.0.self_attn.in_proj_weight", "depformer.layers.0.self_attn.out_proj.weight",
+                           "out_norm.alpha", "transformer.layers.0.self_attn.in_proj_weight"]
+    assert out["depformer.layers.0.self_attn.in_proj_weight"].shape == (12, 2)
+    assert out["depformer.layers.0.self_attn.in_proj_weight"][6:].min() == 1.0  # step 1 after step 0
+    np.testing.assert_array_equal(out["depformer.layers.0.self_attn.out_proj.weight"][2:], 2 * np.eye(2))
+    with pytest.raises(XBackendError, match="without gaps"):
+        to_published_layout({"a.self_attn.in_projs.0.weight": np.ones(1), "a.self_attn.in_projs.2.weight": np.ones(1)})
+
+
+# --- same model, same numbers ----------------------------------------------------------------
+
+@needs_mlx
+@needs_tiny
+def test_teacher_forced_matches_pytorch_cpu(cpu_native, mlx_forced):
+    assert mlx_forced.steps == STEPS and np.array_equal(mlx_forced.tokens, cpu_native.tokens)
+    for s in cpu_native.streams:
+        worst = np.abs(mlx_forced.logits(s) - cpu_native.logits(s)).max()
+        assert worst <= 1e-4, (s, worst)  # measured 4.8e-6 (text) to 3.5e-5 (audio0)
+    m = mlx_forced.meta
+    assert m["alignment"]["consumes_late"] is True
+    assert m["effective"]["weights"] == "pytorch" and m["effective"]["device"] == "Device(cpu, 0)"
+    assert m["effective"]["quant"] is None and m["env"]["mlx_device"] == "Device(cpu, 0)"
+
+
+@needs_mlx
+@needs_tiny
+def test_portable_tokens_identical_to_pytorch(work):
+    torch_run = run(work, "cpu-portable", backend="cpu", steps=STEPS, sampler="portable")
+    mlx_run = run(work, "mlx-portable", steps=STEPS, sampler="portable")
+    assert np.array_equal(torch_run.tokens, mlx_run.tokens)
+    assert (mlx_run.margins >= 0).all()
+
+
+@needs_mlx
+@needs_tiny
+def test_upstream_alignment_drifts_from_step_one(work, cpu_native, mlx_forced):
+    """Fed as each library's own examples do, PyTorch and MLX see different frames from step 1."""
+    forced = f"forced:{cpu_native.path}"
+    up_cpu = run(work, "cpu-up", backend="cpu", steps=10, sampler=forced, alignment="upstream")
+    up_mlx = run(work, "mlx-up", steps=10, sampler=forced, alignment="upstream")
+    aligned_cpu = run(work, "cpu-al", backend="cpu", steps=10, sampler=forced)
+    aligned, upstream = step_drift(aligned_cpu, mlx_forced), step_drift(up_cpu, up_mlx)
+    assert upstream[0] < 1e-4  # nothing fed yet at step 0
+    assert upstream[1] >= 100 * aligned[1], (upstream[1], aligned[1])  # measured 1.2 vs 1.4e-5
+    # moshi_mlx consumes late, so aligned is its upstream behaviour: only PyTorch's feeding changes.
+    assert up_mlx.digests == xbackend.load_trace(mlx_forced.path).digests[:10]
+    assert np.array_equal(up_mlx.inputs, mlx_forced.inputs[:10])
+
+
+# --- sampling --------------------------------------------------------------------------------
+
+@needs_mlx
+@needs_tiny
+def test_native_sampler_is_repeatable_and_not_pytorchs(work, cpu_native):
+    a = run(work, "native-a", steps=STEPS)
+    b = run(work, "native-b", steps=STEPS)
+    assert np.array_equal(a.tokens, b.tokens) and a.digests == b.digests
+    assert np.isnan(a.margins).all()
+    assert not np.array_equal(a.tokens[:5], cpu_native.tokens[:5])  # Threefry Gumbel vs exponential race
+
+
+@needs_mlx
+@needs_tiny
+def test_plugin_hook_feeds_the_native_sampler(work):
+    """With a hook the native sampler runs per stream on the hooked logits; an identity hook
+    must give exactly what the deferred (one evaluation per step) path gives."""
+    register_backend("mlx-identity", wrap_backend("mlx:cpu", lambda run_, step, stream, x: x))
+
+    def only_five(run_, step, stream, logits):
+        if stream == "text":
+            logits = np.full_like(logits, -30.0)
+            logits[5] = 0.0
+        return logits
+
+    register_backend("mlx-five", wrap_backend("mlx:cpu", only_five))
+    plain = run(work, "plain", steps=20)
+    same = run(work, "identity", backend="mlx-identity", steps=20)
+    five = run(work, "five", backend="mlx-five", steps=20)
+    assert np.array_equal(plain.tokens, same.tokens) and plain.digests == same.digests
+    assert (five.tokens[:, 0] == 5).all()
+
+
+# --- dtypes and quantized tiers ----------------------------------------------------------------
+
+@needs_mlx
+@needs_tiny
+@pytest.mark.parametrize("spec,bits,bound", [("mlx:q8", 8, 1.0), ("mlx:q4", 4, 10.0)])
+def test_quantized_tiers_run_with_bounded_drift(work, cpu_native, mlx_forced, spec, bits, bound):
+    q = run(work, spec.replace(":", "-"), backend=spec, steps=50, sampler=f"forced:{cpu_native.path}")
+    quant = q.meta["effective"]["quant"]
+    assert quant["bits"] == bits and quant["group_size"] == {8: 64, 4: 32}[bits]
+    assert 0 < quant["quantized_weight_fraction"] <= 1
+    drift = step_drift(q, mlx_forced)
+    assert 0 < drift.max() < bound  # measured max 0.26 (q8) and 5.2 (q4) over 200 steps
+
+
+@needs_mlx
+@needs_tiny
+def test_bf16_runs_and_stays_close(work, cpu_native, mlx_forced):
+    lo = run(work, "bf16", backend="mlx:cpu:bf16", steps=30, sampler=f"forced:{cpu_native.path}")
+    assert lo.meta["effective"]["dtype"] == "bfloat16"
+    assert 0 < step_drift(lo, mlx_forced).max() < 2.0  # measured 0.72 over 200 steps
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+@needs_mlx
+@needs_tiny
+def test_per_step_layout_loads_the_same_weights(work, cpu_native, mlx_forced, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    tiny = resolve_model("tiny")
+    state = {}
+    for key, value in load_file(str(tiny.weights)).items():
+        if key.endswith(".self_attn.in_proj_weight") or key.endswith(".self_attn.out_proj.weight"):
+            steps = tiny.dep_q if key.startswith("depformer.") else 1
+            kind = "in_projs" if "in_proj" in key else "out_projs"
+            prefix = key.rsplit(".self_attn.", 1)[0] + ".self_attn"
+            for i, part in enumerate(np.split(value, steps)):
+                state[f"{prefix}.{kind}.{i}.weight"] = np.ascontiguousarray(part)
+        else:
+            state[key] = value
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(tiny.config))
+    assert resolve_model(str(tmp_path)).layout == "per_step"
+    tr = run(work, "per-step", model=str(tmp_path), steps=20, sampler=f"forced:{cpu_native.path}")
+    assert tr.digests == mlx_forced.digests[:20]  # the conversion restores the published tensors exactly
+
+
+@needs_mlx
+@needs_tiny
+def test_mlx_native_quantized_checkpoint(work, cpu_native, tmp_path):
+    """A moshi_mlx-style `model.q4.safetensors` loads as it was saved; other tiers are refused."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from xbackend.backends import create_backend
+
+    backend = create_backend("mlx:q4")
+    backend.load(resolve_model("tiny"))
+    mx.save_safetensors(str(tmp_path / "model.q4.safetensors"), dict(tree_flatten(backend.lm.parameters())))
+    (tmp_path / "config.json").write_text(json.dumps(resolve_model("tiny").config))
+    native = resolve_model(str(tmp_path))
+    assert (native.layout, native.quant) == ("mlx", "q4")
+    forced = f"forced:{cpu_native.path}"
+    from_torch = run(work, "q4-torch", backend="mlx:q4", steps=10, sampler=forced)
+    from_file = run(work, "q4-native", backend="mlx:q4", model=str(tmp_path), steps=10, sampler=forced)
+    assert from_file.digests == from_torch.digests
+    assert from_file.meta["effective"]["weights"] == "mlx-native"
+    assert from_file.meta["effective"]["quant"]["from"] == "checkpoint"
+    for spec in ("mlx:q8", "mlx:cpu"):
+        assert_clean_error(run_cli("capture", "-b", spec, "--model", str(tmp_path), "--steps", "2",
+                                   "-o", str(tmp_path / "t")), 2, "q4 checkpoint")
+
+
+# --- bad inputs ------------------------------------------------------------------------------
+
+@needs_mlx
+@pytest.mark.parametrize("spec", ["mlx:fp16", "mlx:cpu:fp64"])
+def test_unsupported_dtype_is_bad_input(tmp_path, spec):
+    assert_clean_error(run_cli("capture", "-b", spec, "--steps", "2", "-o", str(tmp_path / "t")), 2, "fp32 and bf16")
+
+
+@needs_mlx
+@pytest.mark.skipif(metal(), reason="this machine has a Metal GPU")
+def test_gpu_without_metal_is_unavailable(tmp_path):
+    proc = run_cli("capture", "-b", "mlx:gpu", "--steps", "2", "-o", str(tmp_path / "t"))
+    assert_clean_error(proc, 3, "mlx:gpu is unavailable", "metal", "use mlx:cpu")
+
+
+@needs_mlx
+@needs_tiny
+@pytest.mark.parametrize("change,needle", [({"depformer_dim_feedforward": 96}, "does not fit its config"),
+                                           ({"gating": "gelu"}, "gating 'gelu'"),
+                                           ({"causal": "<drop>"}, "lacks key 'causal'")])
+def test_checkpoint_that_does_not_fit_is_bad_input(tmp_path, change, needle):
+    import shutil
+
+    tiny = resolve_model("tiny")
+    shutil.copy(tiny.weights, tmp_path / "model.safetensors")
+    config = {k: v for k, v in {**tiny.config, **change}.items() if v != "<drop>"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    proc = run_cli("capture", "-b", "mlx:cpu", "--model", str(tmp_path), "--steps", "2", "-o", str(tmp_path / "t"))
+    assert_clean_error(proc, 2, needle)
+
+
+def test_missing_mlx_says_how_to_install(monkeypatch):
+    from xbackend.backends import create_backend
+
+    monkeypatch.setitem(sys.modules, "mlx", None)
+    monkeypatch.setitem(sys.modules, "mlx.core", None)
+    reason = create_backend("mlx:cpu").unavailable_reason()
+    assert "not installed" in reason and "pip install" in reason and "moshi_mlx" in reason
+
+
+# --- Metal ----------------------------------------------------------------------------------
+
+@pytest.mark.mlx_gpu
+@needs_metal
+@needs_tiny
+def test_gpu_teacher_forced_stays_close(work, cpu_native, mlx_forced):
+    gpu = run(work, "gpu", backend="mlx:gpu", steps=50, sampler=f"forced:{cpu_native.path}")
+    assert gpu.meta["effective"]["device"] == "Device(gpu, 0)"
+    assert step_drift(gpu, mlx_forced).max() < 1e-3
