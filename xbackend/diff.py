@@ -1,0 +1,276 @@
+"""Compare two traces: may they be compared at all, and how far apart are they (SPEC §2, §4)?
+
+`comparability` is the check a user needs before reading any number: the same model, prompt,
+seed, sampling settings, alignment and streams, and a sampler pairing that makes sense (a
+teacher-forced run must have been forced onto the other trace). Dtypes, devices and backends
+may of course differ: that is what is being measured. `diff` refuses incomparable traces
+unless forced, then reports per-stream drift summaries, the first token divergence (with the
+drift and margins there, and whether drift explains it), and the first bitwise-different step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import XBackendError
+from .metrics import (METRICS, StepMetrics, Summary, bitwise_equal_steps, drift_explains, first_token_divergence,
+                      step_metrics, summarize_metrics, tier_of, tolerance)
+from .trace import Trace, load_trace
+
+SCHEMA = "xbackend.diff/1"
+_MISSING = object()
+
+
+def _get(meta: dict, *keys: str):
+    value = meta
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return _MISSING
+        value = value[key]
+    return value
+
+
+def label(trace: Trace) -> str:
+    """How a reason names a trace: its backend and its directory."""
+    backend = trace.meta.get("backend")
+    return f"{backend} at {trace.path}" if backend else str(trace.path)
+
+
+def _show(value) -> str:
+    return "(not recorded)" if value is _MISSING else repr(value)
+
+
+def _mode(trace: Trace) -> str | None:
+    mode = _get(trace.meta, "sampler", "mode")
+    return None if mode is _MISSING else str(mode)
+
+
+def _forced_onto(forced: Trace, other: Trace) -> bool:
+    """Was `forced` teacher-forced onto `other`? Its source is `other`'s directory, or its tokens are `other`'s."""
+    source = _get(forced.meta, "sampler", "forced_from")
+    if source is not _MISSING and source:
+        try:
+            if Path(os.path.expanduser(str(source))).resolve() == Path(other.path).resolve():
+                return True
+        except OSError:
+            pass
+    n = min(forced.steps, other.steps)
+    return n > 0 and forced.streams == other.streams and bool(np.array_equal(forced.tokens[:n], other.tokens[:n]))
+
+
+def comparability(a: Trace, b: Trace) -> list[str]:
+    """Reasons why B cannot be read against A (empty when they are comparable); each names both values."""
+    la, lb = label(a), label(b)
+    reasons = []
+
+    def differ(what: str, va, vb) -> None:
+        if va != vb:
+            reasons.append(f"{what}: {_show(va)} in {la} vs {_show(vb)} in {lb}")
+
+    differ("model digest differs", _get(a.meta, "model", "digest"), _get(b.meta, "model", "digest"))
+    differ("prompt digest differs", _get(a.meta, "prompt", "digest"), _get(b.meta, "prompt", "digest"))
+    differ("streams differ", a.streams, b.streams)
+    if a.streams == b.streams:
+        differ("vocabulary sizes differ", list(a.meta["vocab"]), list(b.meta["vocab"]))
+    differ("alignment differs", _get(a.meta, "alignment", "mode"), _get(b.meta, "alignment", "mode"))
+    sa, sb = a.meta.get("settings") or {}, b.meta.get("settings") or {}
+    for key in sorted(set(sa) | set(sb)):
+        differ(f"sampling setting {key} differs", sa.get(key, _MISSING), sb.get(key, _MISSING))
+
+    ma, mb = _mode(a), _mode(b)
+    forced_pair = False
+    if ma == "forced" or mb == "forced":
+        if ma == mb:
+            fa, fb = _get(a.meta, "sampler", "forced_from"), _get(b.meta, "sampler", "forced_from")
+            if fa != fb and not _forced_onto(a, b):
+                reasons.append(f"forced from different sources: {_show(fa)} in {la} vs {_show(fb)} in {lb}")
+            forced_pair = True
+        else:
+            forced, other, lf, lo = (b, a, lb, la) if mb == "forced" else (a, b, la, lb)
+            if _forced_onto(forced, other):
+                forced_pair = True
+            else:
+                src = _get(forced.meta, "sampler", "forced_from")
+                reasons.append(f"{lf} is forced from {_show(src)}, not from {lo} "
+                               f"(its tokens are not {lo}'s), while {lo} samples ({_mode(other)})")
+    else:
+        differ("sampler mode differs", ma, mb)
+    if not forced_pair:  # a run forced onto the other took its tokens: its own seed decided nothing
+        differ("seed differs", _get(a.meta, "seed"), _get(b.meta, "seed"))
+    return reasons
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The first (step, stream) whose tokens differ, and what the logits looked like there."""
+
+    step: int
+    stream: str
+    token_a: int
+    token_b: int
+    max_abs: float
+    margin_a: float
+    margin_b: float
+    explained: bool | None  # drift_explains: 2·max_abs >= min(margins); None without margins
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "stream": self.stream, "token_a": self.token_a, "token_b": self.token_b,
+                "max_abs": _clean(self.max_abs), "margin_a": _clean(self.margin_a),
+                "margin_b": _clean(self.margin_b), "explained": self.explained,
+                "rule": "explained = 2 * max_abs >= min(margin_a, margin_b)"}
+
+
+def _clean(x) -> float | None:
+    return float(x) if x is not None and math.isfinite(float(x)) else None
+
+
+@dataclass(frozen=True, eq=False)
+class DiffResult:
+    """B against the reference A. `to_dict()` is JSON-ready (non-finite numbers become null)."""
+
+    a: str
+    b: str
+    backend_a: str | None
+    backend_b: str | None
+    mode_a: str | None
+    mode_b: str | None
+    steps_a: int
+    steps_b: int
+    steps_compared: int
+    tier_a: str
+    tier_b: str
+    tolerance: float
+    streams: tuple[str, ...]
+    summaries: dict[str, dict[str, Summary]]
+    summaries_before_divergence: dict[str, dict[str, Summary]] | None
+    first_divergence: Divergence | None
+    first_bitwise_step: int | None
+    first_nonfinite: tuple[int, str] | None
+    logits_identical: bool
+    tokens_identical: bool
+    forced: bool  # compared although `reasons` say the traces are not comparable
+    reasons: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    metrics: StepMetrics | None = field(default=None, repr=False)
+
+    @property
+    def max_abs(self) -> float:
+        """The largest |Δlogit| over every compared step and stream (NaN if any was non-finite)."""
+        if self.first_nonfinite is not None:
+            return math.nan
+        values = [s["max_abs"].max for s in self.summaries.values() if s["max_abs"].count]
+        return max(values) if values else 0.0
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.max_abs <= self.tolerance
+
+    def to_dict(self, per_step: bool = False) -> dict:
+        out = {
+            "schema": SCHEMA, "a": self.a, "b": self.b, "backend_a": self.backend_a, "backend_b": self.backend_b,
+            "mode_a": self.mode_a, "mode_b": self.mode_b, "steps_a": self.steps_a, "steps_b": self.steps_b,
+            "steps_compared": self.steps_compared, "tier_a": self.tier_a, "tier_b": self.tier_b,
+            "tolerance": self.tolerance, "max_abs": _clean(self.max_abs), "within_tolerance": self.within_tolerance,
+            "streams": list(self.streams),
+            "summaries": _summaries_dict(self.summaries),
+            "summaries_before_divergence": (_summaries_dict(self.summaries_before_divergence)
+                                            if self.summaries_before_divergence is not None else None),
+            "first_divergence": self.first_divergence.to_dict() if self.first_divergence else None,
+            "first_bitwise_step": self.first_bitwise_step,
+            "first_nonfinite": ({"step": self.first_nonfinite[0], "stream": self.first_nonfinite[1]}
+                                if self.first_nonfinite else None),
+            "logits_identical": self.logits_identical, "tokens_identical": self.tokens_identical,
+            "forced": self.forced, "reasons": list(self.reasons), "notes": list(self.notes),
+        }
+        if per_step and self.metrics is not None:
+            m = self.metrics
+            out["per_step"] = {stream: {name: [_clean(v) if name != "top1" else bool(v)
+                                               for v in getattr(m, name)[:, i].tolist()] for name in METRICS}
+                               for i, stream in enumerate(m.streams)}
+        return out
+
+
+def _summaries_dict(summaries: dict[str, dict[str, Summary]]) -> dict:
+    return {stream: {name: s.to_dict() for name, s in per.items()} for stream, per in summaries.items()}
+
+
+def _as_trace(x: Trace | str | os.PathLike) -> Trace:
+    return x if isinstance(x, Trace) else load_trace(x)
+
+
+def _notes(a: Trace, b: Trace, n: int) -> list[str]:
+    notes = []
+    for t, name in ((a, "A"), (b, "B")):
+        if not t.complete:
+            error = t.meta.get("error")
+            notes.append(f"{name} ({label(t)}) is incomplete: status {t.meta.get('status')!r}"
+                         + (f" ({error})" if error else "") + f"; its {t.steps} complete steps are used")
+    if n == 0:
+        notes.append("no step to compare: every figure is empty")
+    elif a.steps != b.steps:
+        notes.append(f"A has {a.steps} steps and B {b.steps}: compared the first {n}")
+    if a.meta.get("logits_dtype") != b.meta.get("logits_dtype"):
+        notes.append(f"logits are stored as {a.meta.get('logits_dtype')} in A and {b.meta.get('logits_dtype')} "
+                     "in B: digests can never match")
+    da, db = a.meta.get("delays"), b.meta.get("delays")
+    if da is not None and db is not None and da != db:
+        notes.append(f"acoustic delays differ: {da} in A vs {db} in B")
+    return notes
+
+
+def diff(a: Trace | str | os.PathLike, b: Trace | str | os.PathLike, *, force: bool = False,
+         tolerance_overrides: dict[str, float] | None = None, block: int | None = None,
+         workers: int | None = None) -> DiffResult:
+    """Compare trace B against the reference A over their common steps.
+
+    Raises `XBackendError` naming every mismatch when they are not comparable, unless `force`.
+    """
+    a, b = _as_trace(a), _as_trace(b)
+    reasons = comparability(a, b)
+    if reasons and not force:
+        raise XBackendError(f"Traces {a.path} and {b.path} are not comparable: " + "; ".join(reasons),
+                            fix="capture both with the same model, prompt, seed and settings, "
+                            "or pass --force (force=True) to compare them anyway")
+    if a.streams != b.streams or list(a.meta["vocab"]) != list(b.meta["vocab"]):
+        raise XBackendError(f"Traces {a.path} and {b.path} cannot be compared even by force: "
+                            f"streams {a.streams} / vocabularies {a.meta['vocab']} vs {b.streams} / {b.meta['vocab']}",
+                            fix="compare traces of the same model")
+    n = min(a.steps, b.steps)
+    kwargs = {"workers": workers} | ({"block": block} if block else {})
+    m = step_metrics(a, b, steps=n, **kwargs)
+    summaries = summarize_metrics(m)
+    div = first_token_divergence(a, b)
+    divergence, before = None, None
+    if div is not None:
+        step, stream = div
+        col = a.streams.index(stream)
+        max_abs, ma, mb = (float(m.max_abs[step, col]), float(m.margin_a[step, col]), float(m.margin_b[step, col]))
+        divergence = Divergence(step, stream, int(a.tokens[step, col]), int(b.tokens[step, col]), max_abs, ma, mb,
+                                drift_explains(max_abs, ma, mb))
+        if step > 0:
+            before = summarize_metrics(m.head(step))
+    bitwise = bitwise_equal_steps(a, b)
+    bad = ~np.isfinite(m.max_abs)
+    nonfinite = None
+    if bad.any():
+        step, col = divmod(int(np.argmax(bad.reshape(-1))), bad.shape[1])
+        nonfinite = (step, a.streams[col])
+    notes = _notes(a, b, n)
+    if div is not None:
+        notes.append(f"tokens diverge at step {div[0]} ({div[1]}): later steps see different inputs, "
+                     "so their drift includes the cascade (summaries_before_divergence leave it out)")
+    tier_a, tier_b = tier_of(a), tier_of(b)
+    return DiffResult(
+        a=str(a.path), b=str(b.path), backend_a=a.meta.get("backend"), backend_b=b.meta.get("backend"),
+        mode_a=_mode(a), mode_b=_mode(b), steps_a=a.steps, steps_b=b.steps, steps_compared=n,
+        tier_a=tier_a, tier_b=tier_b, tolerance=tolerance(tier_a, tier_b, tolerance_overrides),
+        streams=tuple(a.streams), summaries=summaries, summaries_before_divergence=before,
+        first_divergence=divergence, first_bitwise_step=bitwise, first_nonfinite=nonfinite,
+        logits_identical=bitwise is None, tokens_identical=div is None,
+        forced=bool(reasons), reasons=tuple(reasons), notes=tuple(notes), metrics=m,
+    )
