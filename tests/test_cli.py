@@ -83,3 +83,27 @@ def test_truncated_forced_trace_is_used_up_to_its_last_step(tmp_path):
     assert ok.returncode == 0, ok.stderr
     too_long = run_cli("capture", "--steps", "6", "--sampler", f"forced:{ref}", "--out", str(tmp_path / "g"))
     assert_clean_error(too_long, 2, "has 4 steps")
+
+
+def test_diff_and_repeat_on_traces_from_capture(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli("capture", "--steps", "8", "--out", str(a)).returncode == 0
+    assert run_cli("capture", "--steps", "8", "--sampler", f"forced:{a}", "--backend", "cpu:fp64",
+                   "--out", str(b)).returncode == 0
+    proc = run_cli("diff", str(a), str(b), "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["steps_compared"] == 8 and data["tokens_identical"] and not data["logits_identical"]
+    assert 0 < data["max_abs"] <= 1e-4
+    c = tmp_path / "c"
+    assert run_cli("capture", "--steps", "8", "--seed", "1", "--out", str(c)).returncode == 0
+    assert_clean_error(run_cli("diff", str(a), str(c)), 2, "not comparable", "seed")
+    rep = run_cli("repeat", "--backend", "cpu", "--runs", "3", "--steps", "6", "--out", str(tmp_path / "r"), "--json")
+    assert rep.returncode == 0, rep.stderr
+    result = json.loads(rep.stdout)
+    assert result["identical_logits_runs"] == 3 and result["identical_token_runs"] == 3
+    assert len(set(result["run_digests"])) == 1 and result["first_nondeterministic_step"] is None
+
+
+def test_diff_of_a_missing_trace(tmp_path):
+    assert_clean_error(run_cli("diff", str(tmp_path / "nope"), str(tmp_path / "nope2")), 2, "Cannot load trace")

@@ -47,8 +47,9 @@ def progress_bar(label: str):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+                        TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
     task = progress.add_task(label, total=None)
 
     def update(done: int, total: int) -> None:
@@ -110,8 +111,10 @@ def run_progress():
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)
     progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[state]}"), TimeElapsedColumn(), console=Console(stderr=True))
+                        TextColumn("{task.fields[state]}"), TimeElapsedColumn(), console=console,
+                        disable=not console.is_terminal)
     tasks: dict[str, int] = {}
 
     def on_event(event: dict) -> None:
@@ -210,6 +213,53 @@ def compare(
 
 @app.command()
 @friendly
+def diff(
+    trace_a: Path = typer.Argument(..., help="Reference trace directory."),
+    trace_b: Path = typer.Argument(..., help="Trace to compare against it."),
+    force: bool = typer.Option(False, help="Compare even when the traces are not comparable (says why)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Drift and first divergence between two traces captured anywhere (two Macs, two versions)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .diff import diff as run_diff
+
+    result = run_diff(trace_a, trace_b, force=force)
+    data = result.to_dict()
+    if json_out:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        console = Console()
+        for note in data.get("notes", []):
+            console.print(f"note: {note}")
+        table = Table(title=f"{trace_b} against {trace_a} ({data['steps_compared']} steps)")
+        for col in ("stream", "max |Δlogit|", "median", "p99", "RMS max", "KL max", "top-1 agree"):
+            table.add_column(col)
+        for stream, s in data["summaries"].items():
+            table.add_row(stream, _fmt(s["max_abs"]["max"]), _fmt(s["max_abs"]["median"]), _fmt(s["max_abs"]["p99"]),
+                          _fmt(s["rms"]["max"]), _fmt(s["kl"]["max"]), _fmt(s["top1"]["mean"]))
+        console.print(table)
+        fd = data.get("first_divergence")
+        console.print("tokens: identical" if fd is None else
+                      f"first token divergence: step {fd['step']}, stream {fd['stream']} "
+                      f"(|Δlogit| {_fmt(fd.get('max_abs'))}, margins {_fmt(fd.get('margin_a'))} / {_fmt(fd.get('margin_b'))}, "
+                      f"explained by drift: {fd.get('explained')})")
+        console.print("logits: bitwise identical" if data["logits_identical"] else
+                      f"logits: first bitwise difference at step {data['first_bitwise_step']}; "
+                      f"{'within' if data['within_tolerance'] else 'BEYOND'} tolerance {data['tolerance']:g}")
+    diverged = data.get("first_divergence") is not None or not data["within_tolerance"]
+    raise typer.Exit(1 if diverged else 0)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+@app.command()
+@friendly
 def repeat(
     backend: str = typer.Option("cpu", "--backend", "-b", help="Backend spec."),
     runs: int = typer.Option(3, help="How many runs with the same seed and inputs."),
@@ -248,7 +298,161 @@ def repeat(
     raise typer.Exit(0 if result["logits_identical"] and result["tokens_identical"] else 1)
 
 
+@app.command()
+@friendly
+def report(run_dir: Path = typer.Argument(..., help="Run directory written by `xbackend compare`.")) -> None:
+    """Write report.md (for an upstream issue), drift plots and bundle.tar.gz into a run directory."""
+    from .report import write_report
+
+    files = write_report(run_dir)
+    typer.echo(f"report: {files.markdown}")
+    for plot in files.plots:
+        typer.echo(f"plot: {plot}")
+    typer.echo(f"bundle: {files.bundle} ({files.bundle_bytes / 1e6:.2f} MB; traces trimmed to "
+               f"{files.plan.half_width} steps either side of each divergence)")
+    if files.plan.omitted:
+        typer.echo(f"warning: {len(files.plan.omitted)} trimmed traces left out of the bundle to stay under its "
+                   "size limit (listed in report.md)", err=True)
+
+
+@app.command()
+@friendly
+def check(
+    baseline: Path = typer.Option(..., "--baseline", help="Baseline directory (from `xbackend baseline create`)."),
+    tolerances: Optional[Path] = typer.Option(None, help="TOML file: [tolerances] fp32 = 1e-5 ... (tiers only)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here (one testcase per backend and check)."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    model: Optional[str] = typer.Option(None, help="Model to check (default: the baseline's); must match its digest."),
+    seed: Optional[int] = typer.Option(None, help="Must equal the baseline's seed if given."),
+    steps: Optional[int] = typer.Option(None, help="Must equal the baseline's steps if given."),
+    timeout: float = typer.Option(600.0, help="Seconds one run may take before it is killed and reported."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Keep the fresh run directory here (default: temporary)."),
+    plugin: Optional[List[Path]] = PluginOpt,
+) -> None:
+    """Pre-release gate: run the baseline's backends again and hold them to its committed traces."""
+    import json
+
+    from .check import load_tolerances, run_check
+
+    table = load_tolerances(tolerances) if tolerances else None
+    progress, on_event = run_progress()
+    with progress:
+        result = run_check(baseline, model=model, seed=seed, steps=steps, tolerances=table, timeout=timeout,
+                           plugins=tuple(str(p) for p in plugin or []), out=out, on_event=on_event)
+    if junit:
+        from .check import junit_xml
+
+        junit.write_text(junit_xml(result))
+    if json_file:
+        json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    for r in result["checks"]:
+        typer.echo(f"{r['status'].upper():4} {r['message']}")
+    c = result["counts"]
+    typer.echo(f"{'PASSED' if result['passed'] else 'FAILED'}: {c['pass']} passed, {c['fail']} failed, "
+               f"{c['skip']} skipped against {baseline}")
+    raise typer.Exit(result["exit_code"])
+
+
+baseline_app = typer.Typer(no_args_is_help=True, help="Make the baselines `xbackend check` holds runs to.")
+app.add_typer(baseline_app, name="baseline")
+
+
+@baseline_app.command("create")
+@friendly
+def baseline_create(
+    backends: str = typer.Option(..., "--backends", "-b", help="Comma-separated specs; the first is the reference."),
+    out: Path = typer.Option(..., "--out", "-o", help="Baseline directory to write (commit it)."),
+    model: str = typer.Option("tiny", help="tiny, a checkpoint directory or file, or hf://owner/repo."),
+    prompt: Optional[str] = typer.Option(None, help="WAV/FLAC audio or a codes file (default: the bundled hello.wav)."),
+    seed: int = typer.Option(299792458, help=SEED_HELP),
+    steps: int = typer.Option(16, help="Steps of 80 ms per run (the committed traces grow with it)."),
+    repeats: int = typer.Option(2, help="Native runs per backend, for repeatability."),
+    timeout: float = typer.Option(600.0, help="Seconds one run may take before it is killed and reported."),
+    alignment: str = typer.Option("aligned", help="aligned (same frame at the same step everywhere) or upstream."),
+    temp_text: float = TEMP_TEXT, top_k_text: int = TOPK_TEXT, temp_audio: float = TEMP_AUDIO, top_k_audio: int = TOPK_AUDIO,
+    plugin: Optional[List[Path]] = PluginOpt,
+) -> None:
+    """Run compare once and keep what `check` needs: baseline.json, prompt codes and traces."""
+    from .check import create_baseline
+    from .compare import CompareRequest
+
+    req = CompareRequest(backends=tuple(backends.split(",")), model=model, prompt=prompt, seed=seed, steps=steps,
+                         repeats=repeats, timeout=timeout, alignment=alignment,
+                         settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio),
+                         plugins=tuple(str(p) for p in plugin or []))
+    progress, on_event = run_progress()
+    with progress:
+        made = create_baseline(req, out, on_event)
+    for v in made["expected"]["verdicts"]:
+        typer.echo(f"{v['backend']}: expected verdict {v['verdict']}")
+    typer.echo(f"baseline written to {out} (model {made['model']['name']} {made['model']['digest']}, "
+               f"{made['steps']} steps, seed {made['seed']})")
+
+
+@app.command("inspect")
+@friendly
+def inspect_cmd(
+    trace: Path = typer.Argument(..., help="Trace directory."),
+    against: Optional[Path] = typer.Option(None, help="A second trace: where they diverge and what each produced."),
+    plot: Optional[Path] = typer.Option(None, help="Write an entropy plot (PNG) here."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Entropy, repeated-token runs, n-gram loops and text padding of one trace, per stream."""
+    import json
+
+    from .inspection import divergence, inspect_trace, plot_inspection
+    from .trace import load_trace
+
+    first = load_trace(trace)
+    result = inspect_trace(first)
+    data = result.to_dict()
+    if against is not None:
+        data["against"] = divergence(first, load_trace(against))
+    at = (data.get("against") or {}).get("first_divergence")
+    if plot is not None:
+        plot_inspection(result, plot, at["step"] if at else None)
+        data["plot"] = str(plot)
+    if json_out:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{trace} ({result.backend}, {result.sampler}, {result.steps} steps)")
+    for col in ("stream", "entropy (nats, T=1) mean", "min-max", "longest run", "loop from step", "period", "pattern"):
+        table.add_column(col)
+    for name, d in data["streams"].items():
+        run, loop = d["longest_run"], d["loop"]
+        table.add_row(name, f"{d['entropy_mean']:.3f}" if d["entropy_mean"] is not None else "-",
+                      f"{d['entropy_min']:.2f}-{d['entropy_max']:.2f}" if d["entropy_mean"] is not None else "-",
+                      f"{run['token']} x{run['length']} @ {run['start']}" if run else "-",
+                      str(loop["start"]) if loop else "-", str(loop["period"]) if loop else "-",
+                      " ".join(map(str, loop["pattern"])) if loop else "-")
+    Console().print(table)
+    pad = data["text_padding"]
+    if pad["ratio"] is not None:
+        typer.echo(f"text padding (id {pad['id']}): {pad['ratio']:.1%} of steps (runs and loops of it are ignored)")
+    if against is not None:
+        if at is None:
+            typer.echo(f"no token differs from {against} over {data['against']['steps_compared']} steps")
+        else:
+            typer.echo(f"first divergence from {against}: step {at['step']}, {at['stream']} "
+                       f"({at['token_a']} vs {at['token_b']}, max |Δlogit| there {at['max_abs_there']:.3g})")
+            typer.echo(f"tokens from step {at['step']} on (a: {trace}, b: {against}):")
+            for name, pair in data["against"]["after"].items():
+                typer.echo(f"  {name:7} a {pair['a']}\n  {'':7} b {pair['b']}")
+    if plot is not None:
+        typer.echo(f"plot: {plot}")
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
 def main() -> None:
+    import warnings
+
+    warnings.showwarning = _one_line_warning
     app()
 
 

@@ -1,0 +1,35 @@
+"""Generated audio: undelay a trace's audio tokens and decode them with the reference codec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import XBackendError
+from .models import ModelRef, tiny_codec
+from .prompt import SAMPLE_RATE
+from .trace import Trace
+
+
+def generated_codes(model: ModelRef, trace: Trace) -> np.ndarray:
+    """Audio codes `[dep_q, frames]` in time order: stream k at step s is frame s - delay_k."""
+    delays = model.delays[1:]
+    frames = trace.steps - max(delays)
+    tokens = trace.tokens[:, 1:]
+    return np.stack([tokens[d: d + frames, k] for k, d in enumerate(delays)]).astype(np.int64)
+
+
+def tokens_to_wav(model: ModelRef, trace: Trace, path: Path) -> Path:
+    import soundfile as sf
+
+    from .backends.torch_backend import mimi_decode
+
+    codec = model.codec or tiny_codec()
+    codes = generated_codes(model, trace)
+    if codes.max(initial=0) >= 2 ** 16:
+        raise XBackendError("audio tokens out of range")
+    audio = mimi_decode(codec, codes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), audio, SAMPLE_RATE, subtype="PCM_16")
+    return path

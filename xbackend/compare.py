@@ -1,0 +1,257 @@
+"""`compare` and `repeat`: run the SPEC §4 protocol in one worker process per backend, then diagnose."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+import warnings
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .backends import create_backend, load_plugin
+from .capture import DEFAULT_SEED, CaptureRequest, check_request
+from .diagnose import BackendRuns, diagnose, explain, repeatability
+from .errors import XBackendError
+from .metrics import tolerance
+from .models import resolve_model
+from .prompt import load_prompt
+from .samplers import SamplingSettings
+from .spec import parse_specs
+from .trace import Trace, TruncatedTraceWarning, load_trace, write_json_atomic
+from .worker import RunOutcome, request_to_json, run_worker
+
+SCHEMA = "xbackend.report/1"
+EventFn = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class CompareRequest:
+    backends: tuple[str, ...]
+    model: str = "tiny"
+    model_config: str | None = None
+    prompt: str | None = None
+    seed: int = DEFAULT_SEED
+    steps: int = 100
+    repeats: int = 2
+    timeout: float = 600.0
+    alignment: str = "aligned"
+    settings: SamplingSettings = field(default_factory=SamplingSettings)
+    plugins: tuple[str, ...] = ()
+    decode_audio: bool = True
+
+
+def safe_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+
+
+def unique_labels(specs: list[str]) -> list[str]:
+    """`cpu,cpu` becomes `cpu`, `cpu#2`: a backend may be compared with a copy of itself."""
+    seen: dict[str, int] = {}
+    out = []
+    for s in specs:
+        seen[s] = seen.get(s, 0) + 1
+        out.append(s if seen[s] == 1 else f"{s}#{seen[s]}")
+    return out
+
+
+def load_partial(path: Path) -> Trace | None:
+    """A trace as far as it got, or None when the run never started writing."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TruncatedTraceWarning)
+            return load_trace(path)
+    except XBackendError:
+        return None
+
+
+def _runs(label: str, base: CaptureRequest, out: Path, repeats: int, forced_from: Path | None) -> list[dict]:
+    spec = label.split("#")[0]
+    runs = [(f"native-{i}", replace(base, backend=spec, sampler="native", run_index=i)) for i in range(repeats)]
+    runs.append(("portable", replace(base, backend=spec, sampler="portable", run_index=repeats)))
+    if forced_from is not None:
+        runs.append(("forced", replace(base, backend=spec, sampler=f"forced:{forced_from}", run_index=repeats + 1)))
+    d = out / "traces" / safe_name(label)
+    return [{"name": f"{label}/{name}", "out": str(d / name), "request": request_to_json(req)} for name, req in runs]
+
+
+def collect(label: str, tier: str, outcomes: list[RunOutcome]) -> BackendRuns:
+    traces = {o.name.split("/", 1)[1]: load_partial(Path(o.out)) for o in outcomes}
+    failures = []
+    for o in outcomes:
+        if o.status != "ok":
+            tr = traces.get(o.name.split("/", 1)[1])
+            failures.append({"run": o.name, "status": o.status, "error": o.error,
+                             "failed_at": (tr.meta.get("failed_at") if tr else None) or (
+                                 {"step": tr.steps, "stream": tr.streams[0]} if tr else None),
+                             "steps": tr.steps if tr else 0})
+    native = [traces[k] for k in sorted(traces) if k.startswith("native-") and traces[k] is not None]
+    return BackendRuns(label=label, tier=tier, status="failed" if failures else "ok",
+                       error=failures[0]["error"] if failures else None, native=native,
+                       portable=traces.get("portable"), forced=traces.get("forced"), failures=failures)
+
+
+def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None = None) -> dict:
+    """Run every backend through the protocol and write `report.json` (and audio) to `out`."""
+    out = Path(out)
+    specs = parse_specs(",".join(req.backends))
+    if req.repeats < 1:
+        raise XBackendError(f"--repeats must be at least 1, got {req.repeats}")
+    if req.timeout <= 0:
+        raise XBackendError(f"--timeout must be positive, got {req.timeout}")
+    for plugin in req.plugins:
+        load_plugin(plugin)
+    base = CaptureRequest(backend="", model=req.model, model_config=req.model_config, seed=req.seed,
+                          steps=req.steps, alignment=req.alignment, settings=req.settings)
+    check_request(base)
+    model = resolve_model(req.model, req.model_config)
+    out.mkdir(parents=True, exist_ok=True)
+    prompt = load_prompt(req.prompt, model, req.steps)
+    np.save(out / "prompt_codes.npy", prompt.codes)
+    base = replace(base, prompt=str(out / "prompt_codes.npy"))
+    labels = unique_labels([str(s) for s in specs])
+    backends: list[dict] = []
+    runs: dict[str, BackendRuns] = {}
+    job_dir = out / "jobs"
+    job_dir.mkdir(exist_ok=True)
+    forced_from = None
+    for label, spec in zip(labels, specs):
+        backend = create_backend(spec)
+        reason = backend.unavailable_reason()
+        entry = {"name": label, "spec": str(spec), "status": "ok", "error": None, "env": None}
+        backends.append(entry)
+        if reason:
+            entry.update(status="unavailable", error=reason)
+            runs[label] = BackendRuns(label, spec.tier, "unavailable", reason)
+            if on_event:
+                on_event({"event": "unavailable", "name": label, "error": reason})
+            continue
+        job = {"plugins": [str(p) for p in req.plugins],
+               "runs": _runs(label, base, out, req.repeats, forced_from)}
+        outcomes = run_worker(job, job_dir / f"{safe_name(label)}.json", req.timeout, on_event)
+        runs[label] = collect(label, spec.tier, outcomes)
+        if forced_from is None:
+            first = runs[label].native[0] if runs[label].native else None
+            forced_from = first.path if first is not None and first.complete else None
+            if forced_from is None:
+                forced_from = Path(out / "traces" / safe_name(label) / "native-0")
+        if runs[label].status != "ok":
+            entry.update(status="failed", error=runs[label].error)
+        trace = (runs[label].native or [None])[0]
+        entry["env"] = trace.meta.get("env") if trace is not None else None
+    report = build_report(req, model, prompt, labels, backends, runs, out)
+    if req.decode_audio:
+        report["audio"] = decode_audio(model, runs, out)
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+def build_report(req: CompareRequest, model, prompt, labels: list[str], backends: list[dict],
+                 runs: dict[str, BackendRuns], out: Path) -> dict:
+    ref = runs[labels[0]]
+    window = max(int(d) for d in model.config["delays"]) + 2
+    verdicts, drift = [], []
+    for label in labels[1:]:
+        other = runs[label]
+        tol = tolerance(ref.tier, other.tier)
+        v, records = diagnose(ref, other, tol, window)
+        v["explanation"] = explain(v, other.error or ref.error)
+        verdicts.append(v)
+        drift.extend(records)
+    repeat = [repeatability(r.label, r.native) for r in runs.values() if r.native]
+    return {
+        "schema": SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in ["xbackend", *sys.argv[1:]]) if sys.argv else None,
+        "request": {"backends": list(req.backends), "model": model.name, "model_digest": model.digest,
+                    "prompt": prompt.describe(), "seed": req.seed, "steps": req.steps, "repeats": req.repeats,
+                    "timeout": req.timeout, "alignment": req.alignment,
+                    "settings": req.settings.__dict__, "plugins": list(req.plugins)},
+        "reference": labels[0],
+        "reference_repeatability": next((r for r in repeat if r["backend"] == labels[0]), None),
+        "backends": backends,
+        "verdicts": verdicts,
+        "repeatability": repeat,
+        "drift": drift,
+        "failures": [f for r in runs.values() for f in r.failures],
+        "traces": {label: str(Path("traces") / safe_name(label)) for label in labels},
+    }
+
+
+def decode_audio(model, runs: dict[str, BackendRuns], out: Path) -> dict:
+    """Each backend's first native run decoded to WAV by the reference codec."""
+    from .audio import tokens_to_wav
+
+    written = {}
+    for label, r in runs.items():
+        if r.native and r.native[0].steps > max(model.delays) and model.dep_q:
+            path = out / "audio" / f"{safe_name(label)}.wav"
+            try:
+                tokens_to_wav(model, r.native[0], path)
+                written[label] = str(path.relative_to(out))
+            except XBackendError as exc:
+                written[label] = f"not decoded: {exc}"
+    return written
+
+
+def exit_code(report: dict) -> int:
+    """SPEC §5: 3 a backend failed or is unavailable, 1 a divergence or drift beyond tolerance, else 0."""
+    if any(b["status"] != "ok" for b in report["backends"]):
+        return 3
+    for v in report["verdicts"]:
+        if v["verdict"] not in ("IDENTICAL", "NUMERIC_DRIFT") or not v["figures"].get("within_tolerance", True):
+            return 1
+    return 0
+
+
+def run_repeat(req: CompareRequest, out: str | Path, on_event: EventFn | None = None) -> dict:
+    """Run one backend `req.repeats` times, same seed and inputs: is it bitwise repeatable?"""
+    out = Path(out)
+    (spec,) = parse_specs(",".join(req.backends))
+    for plugin in req.plugins:
+        load_plugin(plugin)
+    base = CaptureRequest(backend=str(spec), model=req.model, model_config=req.model_config, prompt=req.prompt,
+                          seed=req.seed, steps=req.steps, alignment=req.alignment, settings=req.settings)
+    check_request(base)
+    if req.repeats < 2:
+        raise XBackendError(f"--runs must be at least 2 to say anything about repeatability, got {req.repeats}")
+    backend = create_backend(spec)
+    reason = backend.unavailable_reason()
+    if reason:
+        from .errors import BackendUnavailable
+
+        raise BackendUnavailable(f"Backend {spec} is unavailable: {reason}",
+                                 fix="run `xbackend backends` to see what runs on this machine")
+    model = resolve_model(req.model, req.model_config)
+    out.mkdir(parents=True, exist_ok=True)
+    prompt = load_prompt(req.prompt, model, req.steps)
+    np.save(out / "prompt_codes.npy", prompt.codes)
+    base = replace(base, prompt=str(out / "prompt_codes.npy"))
+    label = str(spec)
+    runs = [{"name": f"{label}/run-{i}", "out": str(out / "traces" / f"run-{i}"),
+             "request": request_to_json(replace(base, run_index=i))} for i in range(req.repeats)]
+    (out / "jobs").mkdir(exist_ok=True)
+    outcomes = run_worker({"plugins": [str(p) for p in req.plugins], "runs": runs},
+                          out / "jobs" / "repeat.json", req.timeout, on_event)
+    traces = [t for t in (load_partial(Path(o.out)) for o in outcomes) if t is not None]
+    result = repeatability(label, traces) if traces else {"backend": label, "runs": 0}
+    result["failures"] = [{"run": o.name, "status": o.status, "error": o.error} for o in outcomes if o.status != "ok"]
+    result["identical_logits_runs"] = sum(t.digests == traces[0].digests for t in traces)
+    result["identical_token_runs"] = sum(np.array_equal(t.tokens, traces[0].tokens) for t in traces)
+    result["run_digests"] = [_run_digest(t) for t in traces]
+    result["schema"] = "xbackend.repeat/1"
+    write_json_atomic(out / "repeat.json", result)
+    return result
+
+
+def _run_digest(trace: Trace) -> str:
+    """One digest for a whole run: its step digests and its tokens."""
+    import hashlib
+
+    h = hashlib.sha256("".join(trace.digests).encode())
+    h.update(np.ascontiguousarray(trace.tokens).tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,135 @@
+"""A backend's runs in a process of their own (`python -m xbackend.worker JOBFILE`).
+
+`compare`, `repeat` and `check` start one worker per backend, so a crash, a hang or a NaN in
+one backend cannot take the others down. The worker reports on stdout, one JSON object a line:
+`start`, `step`, `done` or `failed` for each run.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import XBackendError
+
+STEP_EVERY = 0.25  # seconds between step events, so progress bars move without flooding the pipe
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    name: str
+    out: str
+    status: str  # ok | failed | timeout | skipped
+    error: str | None = None
+    exit_code: int = 0
+
+
+def emit(**event) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def request_to_json(req) -> dict:
+    return asdict(req)
+
+
+def request_from_json(data: dict):
+    from .capture import CaptureRequest
+    from .samplers import SamplingSettings
+
+    return CaptureRequest(**dict(data, settings=SamplingSettings(**data["settings"])))
+
+
+def worker_main(job_file: str) -> int:
+    from .backends import load_plugin
+    from .capture import capture
+
+    job = json.loads(Path(job_file).read_text())
+    for plugin in job.get("plugins", []):
+        load_plugin(plugin)
+    for run in job["runs"]:
+        emit(event="start", name=run["name"])
+        last = [0.0]
+
+        def progress(done: int, total: int, name=run["name"]) -> None:
+            now = time.monotonic()
+            if now - last[0] >= STEP_EVERY or done == total:
+                last[0] = now
+                emit(event="step", name=name, step=done, total=total)
+
+        try:
+            capture(request_from_json(run["request"]), run["out"], progress=progress)
+        except XBackendError as exc:
+            emit(event="failed", name=run["name"], error=str(exc), exit_code=exc.exit_code)
+            return exc.exit_code
+        emit(event="done", name=run["name"])
+    return 0
+
+
+def run_worker(job: dict, job_file: Path, timeout: float,
+               on_event: Callable[[dict], None] | None = None) -> list[RunOutcome]:
+    """Run `job` in a worker process; each run gets `timeout` seconds, after which the process is killed."""
+    job_file.write_text(json.dumps(job, indent=2))
+    proc = subprocess.Popen([sys.executable, "-m", "xbackend.worker", str(job_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    stderr: list[str] = []
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+    threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
+    outcomes: dict[str, RunOutcome] = {}
+    current, deadline = None, None
+    while True:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            line = lines.get(timeout=wait)
+        except queue.Empty:
+            proc.kill()
+            outcomes[current] = RunOutcome(current, _out(job, current), "timeout",
+                                           f"timed out after {timeout:g} s (no end of run)", 3)
+            current = None
+            break
+        if line is None:
+            break
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a library printing to stdout: not ours
+        name = event.get("name")
+        if event.get("event") == "start":
+            current, deadline = name, time.monotonic() + timeout
+        elif event.get("event") == "done":
+            outcomes[name] = RunOutcome(name, _out(job, name), "ok")
+            current, deadline = None, None
+        elif event.get("event") == "failed":
+            outcomes[name] = RunOutcome(name, _out(job, name), "failed", event.get("error"), event.get("exit_code", 3))
+            current, deadline = None, None
+        if on_event:
+            on_event(event)
+    proc.wait()
+    if current is not None:  # the process died inside a run: a crash
+        tail = [x.strip() for x in stderr if x.strip()]
+        why = tail[-1] if tail else "no message"
+        outcomes[current] = RunOutcome(current, _out(job, current), "failed",
+                                       f"process died with exit code {proc.returncode} ({why})", 3)
+    result = []
+    for run in job["runs"]:
+        result.append(outcomes.get(run["name"]) or RunOutcome(run["name"], run["out"], "skipped",
+                                                               "not run: the backend failed earlier", 3))
+        if on_event and run["name"] not in outcomes:
+            on_event({"event": "skipped", "name": run["name"]})
+    return result
+
+
+def _out(job: dict, name: str) -> str:
+    return next(r["out"] for r in job["runs"] if r["name"] == name)
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1]))
