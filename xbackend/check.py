@@ -1,0 +1,390 @@
+"""`check` and `baseline create`: the pre-release gate.
+
+A baseline directory holds `baseline.json` (what was run, on which model and prompt, and the
+verdicts it gave) and the traces a later run is held to: every backend's `native-0` and
+`portable` runs, and the `forced` runs of the non-reference backends, plus the exact prompt
+codes. `check` runs the same backends again with the same settings and compares, per backend:
+
+| check | passes when |
+| --- | --- |
+| `logits` | every committed run, fresh against committed, has max abs Δlogit <= the tier's tolerance over the steps where both saw the same inputs (up to and including the first token difference's stream) |
+| `tokens` | the portable run samples exactly the baseline's tokens (the portable sampler depends only on the logits and on (seed, step, stream)) |
+| `verdict` | a non-reference backend gets the verdict it got in the baseline |
+| `repeatability` | a backend that was bitwise repeatable in the baseline still is (skipped where it was not) |
+
+The tolerances (`CHECK_TOLERANCES`) bound a backend against *its own* baseline on the same kind of
+machine, so they are far tighter than the cross-backend `metrics.TOLERANCES`:
+
+| tier | max abs Δlogit | why |
+| --- | --- | --- |
+| fp64 | 1e-9 | as across backends: rounding is 1e-16 |
+| fp32 | 1e-5 | same kernels give 0; another BLAS build, thread count or CPU generation reorders sums by a few ulps of logits ~±10 (1e-6) |
+| fp16 | 4e-3 | about 8 half-precision ulps of a logit near 1 |
+| bf16 | 1.6e-2 | about 2 bf16 ulps of a logit near 1 |
+| q8 | 5e-2 | quantized weights: rounding inside dequantization may reorder |
+| q4 | 2e-1 | 4-bit groups: coarse, only real changes should trip it |
+
+A TOML file overrides them: `[tolerances]` then `fp32 = 1e-5` ... (tiers only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+from .compare import CompareRequest, EventFn, load_partial, run_compare, safe_name
+from .errors import BackendFailed, XBackendError
+from .samplers import SamplingSettings
+from .trace import Trace, load_trace, write_json_atomic
+
+BASELINE_SCHEMA = "xbackend.baseline/1"
+CHECK_SCHEMA = "xbackend.check/1"
+BASELINE_JSON = "baseline.json"
+PROMPT_CODES = "prompt_codes.npy"
+
+CHECK_TOLERANCES: dict[str, float] = {
+    "fp64": 1e-9,
+    "fp32": 1e-5,
+    "fp16": 4e-3,
+    "bf16": 1.6e-2,
+    "q8": 5e-2,
+    "q4": 2e-1,
+}
+
+
+# --------------------------------------------------------------------------- tolerances
+
+
+def load_tolerances(path: str | Path) -> dict[str, float]:
+    """The tolerance table: `CHECK_TOLERANCES` with the `[tolerances]` of a TOML file on top."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise XBackendError("Reading a tolerances file needs Python 3.11+ or the tomli package",
+                                fix="pip install tomli") from None
+    path = Path(path)
+    if not path.is_file():
+        raise XBackendError(f"Tolerances file {path} does not exist", fix="pass an existing TOML file to --tolerances")
+    example = "[tolerances] then one line per tier, e.g. fp32 = 1e-5"
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise XBackendError(f"Tolerances file {path} is not valid TOML ({exc})", fix=f"write {example}") from None
+    for key in data:
+        if key != "tolerances":
+            raise XBackendError(f"Unknown key {key!r} in tolerances file {path}",
+                                asked="the file has one table, [tolerances]", fix=f"write {example}")
+    table = data.get("tolerances", {})
+    if not isinstance(table, dict):
+        raise XBackendError(f"'tolerances' in {path} is not a table", fix=f"write {example}")
+    out = dict(CHECK_TOLERANCES)
+    for key, value in table.items():
+        if key not in CHECK_TOLERANCES:
+            raise XBackendError(f"Unknown key {key!r} in tolerances file {path}",
+                                asked=f"tiers are {', '.join(CHECK_TOLERANCES)}", fix=f"write {example}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise XBackendError(f"Tolerance {key!r} in {path} is {value!r}, not a non-negative number",
+                                fix=f"write a number, e.g. {key} = {CHECK_TOLERANCES[key]:g}")
+        out[key] = float(value)
+    return out
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def baseline_runs(label: str, reference: str) -> tuple[str, ...]:
+    """The runs a baseline keeps for one backend."""
+    return ("native-0", "portable") if label == reference else ("native-0", "portable", "forced")
+
+
+def create_baseline(req: CompareRequest, out: str | Path, on_event: EventFn | None = None) -> dict:
+    """Run `compare` and keep, in `out`, baseline.json, the prompt codes and the traces `check` needs."""
+    from . import __version__
+
+    out = Path(out)
+    req = replace(req, decode_audio=False)
+    with tempfile.TemporaryDirectory(prefix="xbackend-baseline-") as tmp:
+        report = run_compare(req, tmp, on_event)
+        bad = [b for b in report["backends"] if b["status"] != "ok"]
+        if bad:
+            raise BackendFailed(f"Cannot make a baseline: backend {bad[0]['name']} is {bad[0]['status']} "
+                                f"({bad[0]['error']})", fix="make the baseline from backends that run on this machine")
+        if (out / "traces").exists():
+            shutil.rmtree(out / "traces")
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(tmp) / PROMPT_CODES, out / PROMPT_CODES)
+        traces = {}
+        ref = report["reference"]
+        for b in report["backends"]:
+            label = b["name"]
+            rel = Path("traces") / safe_name(label)
+            for run in baseline_runs(label, ref):
+                shutil.copytree(Path(tmp) / report["traces"][label] / run, out / rel / run)
+            traces[label] = {"dir": rel.as_posix(), "runs": list(baseline_runs(label, ref)),
+                             "tier": metrics.tier_of(load_trace(out / rel / "native-0"))}
+    r = report["request"]
+    baseline = {
+        "schema": BASELINE_SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "xbackend_version": __version__,
+        "backends": list(req.backends),
+        "reference": report["reference"],
+        "model": {"name": r["model"], "digest": r["model_digest"]},
+        "prompt": {"file": PROMPT_CODES, "digest": r["prompt"]["digest"], "source": r["prompt"]["source"],
+                   "frames": r["prompt"]["frames"]},
+        "seed": req.seed, "steps": req.steps, "repeats": req.repeats, "alignment": req.alignment,
+        "settings": asdict(req.settings), "plugins": [str(p) for p in req.plugins],
+        "expected": {
+            "verdicts": [{"backend": v["backend"], "vs": v["vs"], "verdict": v["verdict"],
+                          "first_divergence": v["first_divergence"],
+                          "forced_max_abs": v["figures"].get("forced_max_abs")} for v in report["verdicts"]],
+            "repeatability": [{"backend": x["backend"], "logits_identical": x["logits_identical"],
+                               "tokens_identical": x["tokens_identical"]} for x in report["repeatability"]],
+        },
+        "traces": traces,
+        "env": {b["name"]: b["env"] for b in report["backends"]},
+    }
+    write_json_atomic(out / BASELINE_JSON, baseline)
+    return baseline
+
+
+def load_baseline(path: str | Path) -> dict:
+    path = Path(path)
+    file = path / BASELINE_JSON
+    if not file.is_file():
+        raise XBackendError(f"No {BASELINE_JSON} in {path}",
+                            fix="make one with `xbackend baseline create --backends cpu,mlx:cpu --out DIR`")
+    try:
+        baseline = json.loads(file.read_text())
+    except ValueError as exc:
+        raise XBackendError(f"{file} is not valid JSON ({exc})", fix="recreate it with `xbackend baseline create`") from None
+    if baseline.get("schema") != BASELINE_SCHEMA:
+        raise XBackendError(f"{file} has schema {baseline.get('schema')!r}, expected {BASELINE_SCHEMA!r}",
+                            fix="recreate it with `xbackend baseline create`")
+    for label, t in baseline["traces"].items():
+        for run in t["runs"]:
+            if not (path / t["dir"] / run / "meta.json").is_file():
+                raise XBackendError(f"Baseline {path} lacks the {run} trace of {label} ({path / t['dir'] / run})",
+                                    fix="commit the whole baseline directory, or recreate it")
+    if not (path / baseline["prompt"]["file"]).is_file():
+        raise XBackendError(f"Baseline {path} lacks its prompt codes {baseline['prompt']['file']}",
+                            fix="commit the whole baseline directory, or recreate it")
+    return baseline
+
+
+def _recreate_hint(baseline: dict, out: Path) -> str:
+    return (f"recreate the baseline with `xbackend baseline create --backends {','.join(baseline['backends'])} "
+            f"--steps {baseline['steps']} --seed {baseline['seed']} --out {out}`, or check against a baseline "
+            "made with what you ask for")
+
+
+def request_from_baseline(baseline: dict, path: Path, *, model: str | None, seed: int | None, steps: int | None,
+                  plugins: tuple[str, ...], timeout: float) -> CompareRequest:
+    """The `compare` request that repeats the baseline; a model or setting that differs is bad input."""
+    from .models import resolve_model
+
+    want = resolve_model(model or baseline["model"]["name"])
+    if want.digest != baseline["model"]["digest"]:
+        raise XBackendError(
+            f"Baseline {path} was made with model {baseline['model']['name']!r} (digest {baseline['model']['digest']}), "
+            f"but model {model or baseline['model']['name']!r} has digest {want.digest}",
+            fix=_recreate_hint(baseline, path))
+    for name, asked in (("seed", seed), ("steps", steps)):
+        if asked is not None and asked != baseline[name]:
+            raise XBackendError(f"Baseline {path} was made with --{name} {baseline[name]}, not {asked}",
+                                fix=f"drop --{name}, or {_recreate_hint(baseline, path)}")
+    return CompareRequest(backends=tuple(baseline["backends"]), model=model or baseline["model"]["name"],
+                          prompt=str(path / baseline["prompt"]["file"]), seed=baseline["seed"],
+                          steps=baseline["steps"], repeats=baseline["repeats"], timeout=timeout,
+                          alignment=baseline["alignment"], settings=SamplingSettings(**baseline["settings"]),
+                          plugins=plugins, decode_audio=False)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    backend: str
+    check: str
+    status: str  # pass | fail | skip
+    message: str
+    figures: dict = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "fail"
+
+
+def same_input_drift(base: Trace, fresh: Trace) -> dict:
+    """Max abs Δlogit of `fresh` against `base` where both saw the same inputs: every step before the
+    first token difference, and at that step the streams up to and including the one that differs."""
+    n = min(base.steps, fresh.steps)
+    until = metrics.first_token_divergence(base, fresh)
+    last = n if until is None else until[0] + 1
+    if last == 0:
+        return {"max_abs": 0.0, "at": None, "steps": 0, "token_divergence": None}
+    d = metrics.step_metrics(base, fresh, steps=last).max_abs.copy()
+    if until is not None:
+        d[until[0], base.streams.index(until[1]) + 1:] = 0.0
+    d = np.where(np.isnan(d), np.inf, d)
+    step, col = np.unravel_index(int(np.argmax(d)), d.shape)
+    return {"max_abs": float(d[step, col]), "at": {"step": int(step), "stream": base.streams[col]}, "steps": int(last),
+            "token_divergence": None if until is None else {"step": until[0], "stream": until[1]}}
+
+
+def logits_check(label: str, tier: str, tol: float, pairs: list[tuple[str, Trace, Trace]]) -> CheckResult:
+    runs = {name: same_input_drift(base, fresh) for name, base, fresh in pairs}
+    worst_run = max(runs, key=lambda r: runs[r]["max_abs"])
+    worst = runs[worst_run]
+    figures = {"tolerance": tol, "tier": tier, "max_abs": worst["max_abs"], "run": worst_run, "runs": runs}
+    if worst["max_abs"] == 0.0:
+        text = f"bitwise equal to the baseline in {', '.join(runs)} (tolerance {tol:g} for {tier})"
+    else:
+        text = (f"max |Δlogit| {worst['max_abs']:.3g} against the baseline ({worst_run}, step {worst['at']['step']}, "
+                f"{worst['at']['stream']}; tolerance {tol:g} for {tier})")
+    ok = worst["max_abs"] <= tol
+    return CheckResult(label, "logits", "pass" if ok else "fail", f"{label}: logits: {text}", figures)
+
+
+def tokens_check(label: str, base: Trace, fresh: Trace) -> CheckResult:
+    n = min(base.steps, fresh.steps)
+    diff = np.argwhere(np.asarray(base.tokens[:n]) != np.asarray(fresh.tokens[:n]))
+    figures = {"steps": n, "baseline_steps": base.steps}
+    if diff.size == 0 and fresh.steps >= base.steps:
+        return CheckResult(label, "tokens", "pass",
+                           f"{label}: tokens: portable tokens identical to the baseline's over {n} steps", figures)
+    if diff.size == 0:
+        return CheckResult(label, "tokens", "fail", f"{label}: tokens: the portable run stopped at step {fresh.steps} "
+                           f"of the baseline's {base.steps}", figures)
+    step, col = (int(x) for x in diff[0])
+    stream = base.streams[col]
+    delta = float(np.max(np.abs(np.asarray(base.logits(stream)[step], dtype=np.float64)
+                                - np.asarray(fresh.logits(stream)[step], dtype=np.float64))))
+    figures.update(first_difference={"step": step, "stream": stream}, baseline_token=int(base.tokens[step, col]),
+                   token=int(fresh.tokens[step, col]), max_abs_there=delta,
+                   margin_there=float(base.margins[step, col]))
+    return CheckResult(label, "tokens", "fail",
+                       f"{label}: tokens: portable tokens differ from the baseline's first at step {step}, {stream}: "
+                       f"baseline took {figures['baseline_token']}, now {figures['token']} (max |Δlogit| there "
+                       f"{delta:.3g}, decision margin {figures['margin_there']:.3g})", figures)
+
+
+def verdict_check(label: str, expected: dict, got: dict | None) -> CheckResult:
+    def where(v: dict | None) -> str:
+        at = v.get("first_divergence") if v else None
+        return f" at step {at['step']}, {at['stream']}" if at else ""
+
+    figures = {"expected": expected["verdict"], "got": got["verdict"] if got else None,
+               "expected_first_divergence": expected.get("first_divergence"),
+               "first_divergence": got.get("first_divergence") if got else None}
+    ok = got is not None and got["verdict"] == expected["verdict"]
+    text = (f"{label}: verdict: expected {expected['verdict']}{where(expected)} against {expected['vs']}, "
+            f"got {got['verdict'] if got else 'none'}{where(got)}")
+    return CheckResult(label, "verdict", "pass" if ok else "fail", text, figures)
+
+
+def repeatability_check(label: str, expected: dict | None, got: dict | None) -> CheckResult:
+    if expected is None or got is None or got.get("runs", 0) < 2:
+        return CheckResult(label, "repeatability", "skip", f"{label}: repeatability: fewer than 2 runs")
+    if not (expected["logits_identical"] and expected["tokens_identical"]):
+        return CheckResult(label, "repeatability", "skip",
+                           f"{label}: repeatability: not repeatable in the baseline either; not checked")
+    ok = got["logits_identical"] and got["tokens_identical"]
+    figures = {k: got.get(k) for k in ("logits_identical", "tokens_identical", "first_nondeterministic_step",
+                                        "first_nondeterministic_stream", "run_to_run_drift")}
+    text = (f"{label}: repeatability: bitwise repeatable, as in the baseline" if ok else
+            f"{label}: repeatability: repeatable in the baseline, now its runs differ first at step "
+            f"{got.get('first_nondeterministic_step')}, {got.get('first_nondeterministic_stream')} "
+            f"(run-to-run drift {got.get('run_to_run_drift', 0.0):.3g})")
+    return CheckResult(label, "repeatability", "pass" if ok else "fail", text, figures)
+
+
+def backend_checks(label: str, baseline: dict, base_dir: Path, report: dict, run_dir: Path,
+                   tolerances: dict[str, float]) -> list[CheckResult]:
+    entry = next(b for b in report["backends"] if b["name"] == label)
+    if entry["status"] != "ok":
+        return [CheckResult(label, "run", "fail", f"{label}: run: {entry['status']} ({entry['error']})")]
+    t = baseline["traces"][label]
+    tier = t["tier"]
+    if tier not in tolerances:
+        raise XBackendError(f"No tolerance for tier {tier!r} of {label}", asked=f"tiers are {', '.join(tolerances)}",
+                            fix=f"add `{tier} = ...` under [tolerances]")
+    pairs = []
+    for run in t["runs"]:
+        fresh = load_partial(run_dir / report["traces"][label] / run)
+        if fresh is None:
+            return [CheckResult(label, "run", "fail", f"{label}: run: its {run} run wrote no trace")]
+        pairs.append((run, load_trace(base_dir / t["dir"] / run), fresh))
+    out = [logits_check(label, tier, tolerances[tier], pairs)]
+    portable = next(p for p in pairs if p[0] == "portable")
+    out.append(tokens_check(label, portable[1], portable[2]))
+    expected = next((v for v in baseline["expected"]["verdicts"] if v["backend"] == label), None)
+    if expected is not None:
+        out.append(verdict_check(label, expected, next((v for v in report["verdicts"] if v["backend"] == label), None)))
+    rep_expected = next((r for r in baseline["expected"]["repeatability"] if r["backend"] == label), None)
+    rep_got = next((r for r in report["repeatability"] if r["backend"] == label), None)
+    out.append(repeatability_check(label, rep_expected, rep_got))
+    return out
+
+
+def run_check(baseline_dir: str | Path, *, model: str | None = None, seed: int | None = None,
+              steps: int | None = None, tolerances: dict[str, float] | None = None, plugins: tuple[str, ...] = (),
+              timeout: float = 600.0, out: str | Path | None = None, on_event: EventFn | None = None) -> dict:
+    """Run the baseline's backends again and hold them to the committed traces; returns the result."""
+    base_dir = Path(baseline_dir)
+    baseline = load_baseline(base_dir)
+    table = dict(tolerances or CHECK_TOLERANCES)
+    req = request_from_baseline(baseline, base_dir, model=model, seed=seed, steps=steps, plugins=plugins, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="xbackend-check-") as tmp:
+        run_dir = Path(out) if out is not None else Path(tmp)
+        report = run_compare(req, run_dir, on_event)
+        results = [r for label in baseline["traces"]
+                   for r in backend_checks(label, baseline, base_dir, report, run_dir, table)]
+    failed_run = any(r.check == "run" and r.failed for r in results)
+    failed = any(r.failed for r in results)
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
+    return {
+        "schema": CHECK_SCHEMA, "baseline": str(base_dir), "run_dir": str(out) if out is not None else None,
+        "backends": baseline["backends"], "model": baseline["model"], "seed": baseline["seed"],
+        "steps": baseline["steps"], "tolerances": table, "passed": not failed,
+        "exit_code": 3 if failed_run else 1 if failed else 0, "counts": counts,
+        "checks": [asdict(r) for r in results],
+    }
+
+
+def junit_xml(result: dict) -> str:
+    """JUnit XML: one testcase per backend and check (classname = backend, name = check)."""
+    checks = result["checks"]
+    suite = ET.Element("testsuite", name="xbackend check", tests=str(len(checks)),
+                       failures=str(result["counts"]["fail"]), skipped=str(result["counts"]["skip"]),
+                       errors="0", time="0")
+    props = ET.SubElement(suite, "properties")
+    for key in ("baseline", "seed", "steps"):
+        ET.SubElement(props, "property", name=key, value=str(result[key]))
+    ET.SubElement(props, "property", name="model", value=f"{result['model']['name']} ({result['model']['digest']})")
+    for r in checks:
+        case = ET.SubElement(suite, "testcase", classname=r["backend"], name=r["check"], time="0")
+        if r["status"] == "fail":
+            failure = ET.SubElement(case, "failure", message=r["message"], type=f"xbackend.{r['check']}")
+            failure.text = json.dumps(r["figures"], indent=2, default=str)
+        elif r["status"] == "skip":
+            ET.SubElement(case, "skipped", message=r["message"])
+        else:
+            ET.SubElement(case, "system-out").text = r["message"]
+    root = ET.Element("testsuites", name="xbackend", tests=suite.get("tests"), failures=suite.get("failures"))
+    root.append(suite)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
