@@ -107,3 +107,10 @@ def test_diff_and_repeat_on_traces_from_capture(tmp_path):
 
 def test_diff_of_a_missing_trace(tmp_path):
     assert_clean_error(run_cli("diff", str(tmp_path / "nope"), str(tmp_path / "nope2")), 2, "Cannot load trace")
+
+
+def test_hub_model_offline_is_a_clear_error(tmp_path):
+    """hf:// models are fetched only when asked for; offline, the user is told what to do."""
+    proc = run_cli("capture", "--model", "hf://kyutai/moshiko-pytorch-bf16", "--steps", "2", "--out", str(tmp_path / "t"),
+                   env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert_clean_error(proc, 2, "Cannot fetch hf://kyutai/moshiko-pytorch-bf16", "network")

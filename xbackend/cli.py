@@ -16,6 +16,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 SEED_HELP = "Seed for every sampler (the Rust CLI's default)."
 PluginOpt = typer.Option(None, "--plugin", help="Python file that registers extra backends (repeatable).")
+MODEL_OPT = typer.Option("tiny", help="tiny, a checkpoint directory or file, or hf://owner/repo.")
+MODEL_CONFIG_OPT = typer.Option(None, help="LMModel config JSON for a bare checkpoint file.")
+PROMPT_OPT = typer.Option(None, help="WAV/FLAC audio or a codes file (default: the bundled hello.wav).")
+SEED_OPT = typer.Option(299792458, help=SEED_HELP)
+TIMEOUT_OPT = typer.Option(600.0, help="Seconds one run may take before it is killed and reported.")
+ALIGNMENT_OPT = typer.Option("aligned", help="aligned (same frame at the same step everywhere) or upstream.")
+REPEATS_OPT = typer.Option(2, help="Native runs per backend, for repeatability.")
 
 
 def friendly(fn: Callable) -> Callable:
@@ -82,13 +89,13 @@ def backends(plugin: Optional[List[Path]] = PluginOpt) -> None:
 @friendly
 def capture(
     backend: str = typer.Option("cpu", "--backend", "-b", help="Backend spec, e.g. cpu, cpu:fp64, mlx:cpu."),
-    model: str = typer.Option("tiny", help="tiny, a checkpoint directory or file, or hf://owner/repo."),
-    model_config: Optional[str] = typer.Option(None, help="LMModel config JSON for a bare checkpoint file."),
-    prompt: Optional[str] = typer.Option(None, help="WAV/FLAC audio or a codes file (default: the bundled hello.wav)."),
-    seed: int = typer.Option(299792458, help=SEED_HELP),
+    model: str = MODEL_OPT,
+    model_config: Optional[str] = MODEL_CONFIG_OPT,
+    prompt: Optional[str] = PROMPT_OPT,
+    seed: int = SEED_OPT,
     steps: int = typer.Option(50, help="Steps of 80 ms to generate."),
     sampler: str = typer.Option("native", help="native, portable, greedy or forced:PATH."),
-    alignment: str = typer.Option("aligned", help="aligned (same frame at the same step everywhere) or upstream."),
+    alignment: str = ALIGNMENT_OPT,
     out: Path = typer.Option(Path("trace"), "--out", "-o", help="Trace directory to write."),
     plugin: Optional[List[Path]] = PluginOpt,
 ) -> None:
@@ -151,16 +158,19 @@ def print_verdicts(report: dict) -> None:
         if b["status"] != "ok":
             console.print(f"[red]{b['name']}: {b['status']}[/red] - {b['error']}")
     table = Table(title=f"xbackend compare (reference: {report['reference']})")
-    for col in ("backend", "verdict", "first divergence", "forced max |Δlogit|", "tolerance", "portable / native divergence"):
+    table.add_column("backend", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    for col in ("first div.", "forced max |Δ|", "portable div.", "native div."):
         table.add_column(col)
+
+    def where(d):
+        return f"{d['step']}:{d['stream']}" if d else "-"
+
     for v in report["verdicts"]:
-        f, at = v["figures"], v["first_divergence"]
-        def where(d):
-            return f"{d['step']}:{d['stream']}" if d else "-"
-        table.add_row(v["backend"], v["verdict"], where(at),
-                      f"{f['forced_max_abs']:.3g}" if "forced_max_abs" in f else "-",
-                      f"{f['tolerance']:g}" if "tolerance" in f else "-",
-                      f"{where(f.get('portable_divergence'))} / {where(f.get('native_divergence'))}" if f else "-")
+        f = v["figures"]
+        drift = f"{f['forced_max_abs']:.2g} (tol {f['tolerance']:g})" if "forced_max_abs" in f else "-"
+        table.add_row(v["backend"], v["verdict"], where(v["first_divergence"]), drift,
+                      where(f.get("portable_divergence")), where(f.get("native_divergence")))
     console.print(table)
     for v in report["verdicts"]:
         console.print(f"[bold]{v['backend']}[/bold] ({v['verdict']}): {v['explanation']}")
@@ -178,14 +188,14 @@ TOPK_AUDIO = typer.Option(250, help="Audio top-k.")
 @friendly
 def compare(
     backends: str = typer.Option(..., "--backends", "-b", help="Comma-separated specs; the first is the reference."),
-    model: str = typer.Option("tiny", help="tiny, a checkpoint directory or file, or hf://owner/repo."),
-    model_config: Optional[str] = typer.Option(None, help="LMModel config JSON for a bare checkpoint file."),
-    prompt: Optional[str] = typer.Option(None, help="WAV/FLAC audio or a codes file (default: the bundled hello.wav)."),
-    seed: int = typer.Option(299792458, help=SEED_HELP),
+    model: str = MODEL_OPT,
+    model_config: Optional[str] = MODEL_CONFIG_OPT,
+    prompt: Optional[str] = PROMPT_OPT,
+    seed: int = SEED_OPT,
     steps: int = typer.Option(100, help="Steps of 80 ms per run."),
-    repeats: int = typer.Option(2, help="Native runs per backend, for repeatability."),
-    timeout: float = typer.Option(600.0, help="Seconds one run may take before it is killed and reported."),
-    alignment: str = typer.Option("aligned", help="aligned (same frame at the same step everywhere) or upstream."),
+    repeats: int = REPEATS_OPT,
+    timeout: float = TIMEOUT_OPT,
+    alignment: str = ALIGNMENT_OPT,
     temp_text: float = TEMP_TEXT, top_k_text: int = TOPK_TEXT, temp_audio: float = TEMP_AUDIO, top_k_audio: int = TOPK_AUDIO,
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Run directory to write."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json instead of the table."),
@@ -207,7 +217,10 @@ def compare(
         typer.echo(json.dumps(report, indent=2, default=str))
     else:
         print_verdicts(report)
-        typer.echo(f"run directory: {out} (report.json, traces/, audio/)")
+        t = report["timing"]
+        typer.echo(f"run directory: {out} (report.json, traces/, audio/); took {t['wall_s']:.1f} s, of which "
+                   f"model steps {t['model_steps_s']:.1f} s and model loading {t['model_load_s']:.1f} s "
+                   f"over {t['runs']} runs")
     raise typer.Exit(exit_code(report))
 
 
@@ -263,10 +276,9 @@ def _fmt(x) -> str:
 def repeat(
     backend: str = typer.Option("cpu", "--backend", "-b", help="Backend spec."),
     runs: int = typer.Option(3, help="How many runs with the same seed and inputs."),
-    model: str = typer.Option("tiny"), model_config: Optional[str] = typer.Option(None),
-    prompt: Optional[str] = typer.Option(None), seed: int = typer.Option(299792458, help=SEED_HELP),
-    steps: int = typer.Option(50), timeout: float = typer.Option(600.0),
-    out: Path = typer.Option(Path("runs/repeat"), "--out", "-o"),
+    model: str = MODEL_OPT, model_config: Optional[str] = MODEL_CONFIG_OPT, prompt: Optional[str] = PROMPT_OPT,
+    seed: int = SEED_OPT, steps: int = typer.Option(50, help="Steps of 80 ms per run."), timeout: float = TIMEOUT_OPT,
+    out: Path = typer.Option(Path("runs/repeat"), "--out", "-o", help="Directory for the runs' traces."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     plugin: Optional[List[Path]] = PluginOpt,
 ) -> None:
@@ -325,7 +337,7 @@ def check(
     model: Optional[str] = typer.Option(None, help="Model to check (default: the baseline's); must match its digest."),
     seed: Optional[int] = typer.Option(None, help="Must equal the baseline's seed if given."),
     steps: Optional[int] = typer.Option(None, help="Must equal the baseline's steps if given."),
-    timeout: float = typer.Option(600.0, help="Seconds one run may take before it is killed and reported."),
+    timeout: float = TIMEOUT_OPT,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Keep the fresh run directory here (default: temporary)."),
     plugin: Optional[List[Path]] = PluginOpt,
 ) -> None:
@@ -362,13 +374,13 @@ app.add_typer(baseline_app, name="baseline")
 def baseline_create(
     backends: str = typer.Option(..., "--backends", "-b", help="Comma-separated specs; the first is the reference."),
     out: Path = typer.Option(..., "--out", "-o", help="Baseline directory to write (commit it)."),
-    model: str = typer.Option("tiny", help="tiny, a checkpoint directory or file, or hf://owner/repo."),
-    prompt: Optional[str] = typer.Option(None, help="WAV/FLAC audio or a codes file (default: the bundled hello.wav)."),
-    seed: int = typer.Option(299792458, help=SEED_HELP),
+    model: str = MODEL_OPT,
+    prompt: Optional[str] = PROMPT_OPT,
+    seed: int = SEED_OPT,
     steps: int = typer.Option(16, help="Steps of 80 ms per run (the committed traces grow with it)."),
-    repeats: int = typer.Option(2, help="Native runs per backend, for repeatability."),
-    timeout: float = typer.Option(600.0, help="Seconds one run may take before it is killed and reported."),
-    alignment: str = typer.Option("aligned", help="aligned (same frame at the same step everywhere) or upstream."),
+    repeats: int = REPEATS_OPT,
+    timeout: float = TIMEOUT_OPT,
+    alignment: str = ALIGNMENT_OPT,
     temp_text: float = TEMP_TEXT, top_k_text: int = TOPK_TEXT, temp_audio: float = TEMP_AUDIO, top_k_audio: int = TOPK_AUDIO,
     plugin: Optional[List[Path]] = PluginOpt,
 ) -> None:

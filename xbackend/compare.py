@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -97,6 +98,7 @@ def collect(label: str, tier: str, outcomes: list[RunOutcome]) -> BackendRuns:
 
 def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None = None) -> dict:
     """Run every backend through the protocol and write `report.json` (and audio) to `out`."""
+    started = time.perf_counter()
     out = Path(out)
     specs = parse_specs(",".join(req.backends))
     if req.repeats < 1:
@@ -146,8 +148,18 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
     report = build_report(req, model, prompt, labels, backends, runs, out)
     if req.decode_audio:
         report["audio"] = decode_audio(model, runs, out)
+    report["timing"] = timing(runs, time.perf_counter() - started)
     write_json_atomic(out / "report.json", report)
     return report
+
+
+def timing(runs: dict[str, BackendRuns], wall: float) -> dict:
+    """Where the time went: model stepping and loading (from the traces) against the whole command."""
+    traces = [t for r in runs.values() for t in [*r.native, r.portable, r.forced] if t is not None]
+    model = sum(t.meta.get("elapsed_s") or 0.0 for t in traces)
+    load = sum(t.meta.get("load_s") or 0.0 for t in traces)
+    return {"wall_s": round(wall, 3), "model_steps_s": round(model, 3), "model_load_s": round(load, 3),
+            "other_s": round(wall - model - load, 3), "runs": len(traces)}
 
 
 def build_report(req: CompareRequest, model, prompt, labels: list[str], backends: list[dict],

@@ -36,7 +36,7 @@ of the same weights; comparing two tiers uses the looser of the two (`tolerance(
 | fp32 | 1e-3 | measured ~1e-6 (tiny model); 7B depth and width grow it, see below |
 | fp16 | 0.25 | unit roundoff 4.9e-4 (2^13 x fp32's); logits near 20 sit 0.016 apart, and the rounding of every activation adds up over the layers |
 | bf16 | 1.0 | unit roundoff 3.9e-3 (8 x fp16's); logits in [16, 32) sit 0.125 apart; measured on the tiny model: MLX bf16 vs fp32 up to 0.72, PyTorch CPU bf16 up to ~0.6 |
-| q8 | 1.0 | int8 weights: a different (quantized) model, drift close to bf16's |
+| q8 | 2.0 | int8 weights: a different (quantized) model; measured on the tiny model (only its depformer quantizes) 0.26 against fp32, and a 7B model quantized throughout shifts more |
 | q4 | 8.0 | 4-bit group-quantized weights move logits by whole units (measured on the tiny model, MLX q4 vs fp32: p99 4.1, max 5.2): gross errors only |
 
 fp32: same weights on the tiny model measured CPU vs MLX ~2e-6 and CPU vs CUDA ~1e-6 here.
@@ -97,7 +97,7 @@ TOLERANCES: dict[str, float] = {
     "fp32": 1e-3,
     "fp16": 0.25,
     "bf16": 1.0,
-    "q8": 1.0,
+    "q8": 2.0,
     "q4": 8.0,
 }
 
