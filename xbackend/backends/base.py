@@ -105,6 +105,11 @@ class StepRecorder:
         self._margins.append(d.margin)
         return d.token
 
+    def decided(self, token: int, margin: float) -> None:
+        """Record a decision the backend took itself by `decide`'s rule (e.g. on its device)."""
+        self._tokens.append(int(token))
+        self._margins.append(float(margin))
+
     def native_token(self, token: int) -> None:
         """Record the library's own decision; a zero-probability pick is a backend failure."""
         stream = len(self._tokens)

@@ -2,24 +2,34 @@
 
 It drives upstream's own `moshi.models.lm.LMGen.step`, so users test what they ship; every
 sampling decision goes through `moshi.models.lm.sample_token`, which this module replaces for
-the duration of a run by a hook that hands the logits to xbackend.
+the duration of a run. Two paths, same traces bit for bit:
+
+- device (the default on CPU and CUDA): the replacement writes logits, tokens and margins into
+  static device buffers and takes every decision there, so upstream's CUDA graphs stay on and
+  the host receives one copy per step (pipelined one step behind the device);
+- host (plugin `on_logits` hooks, MPS, or XBACKEND_CAPTURE_PATH=host): every stream's logits go
+  to the host, which decides in numpy before the model goes on; no CUDA graphs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Callable
 
 import numpy as np
 
-from ..errors import BackendUnavailable, XBackendError
+from ..errors import BackendFailed, BackendUnavailable, XBackendError
 from ..models import CodecRef, ModelRef
+from ..samplers import portable_uniforms
 from ..spec import BackendSpec
 from .base import Backend, Job, StepRecord, StepRecorder
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
 COMPILE_ENV = "XBACKEND_TORCH_COMPILE"  # set to 1 to keep moshi's lazy torch.compile of rope/gating/norm
+CAPTURE_PATH_ENV = "XBACKEND_CAPTURE_PATH"  # host | device | auto (device unless a plugin hook or MPS)
+CAPTURE_PATHS = ("auto", "host", "device")
 
 
 class TorchBackend(Backend):
@@ -41,6 +51,7 @@ class TorchBackend(Backend):
                                 fix="write e.g. cuda:1:bf16")
         self.device = f"cuda:{spec.device}" if spec.device else spec.name
         self.lm = None
+        self.path_choice: str | None = None  # host | device | auto; None reads XBACKEND_CAPTURE_PATH
         # moshi compiles rope, gating and RMSNorm lazily with torch.compile: minutes of start-up
         # on a CPU, in every worker process, and different numerics from eager. Eager is the
         # default; the choice is recorded in every trace.
@@ -81,7 +92,9 @@ class TorchBackend(Backend):
     def effective(self) -> dict:
         import torch
 
-        out = {"cuda_graphs": False, "torch_compile": self.compile}
+        path = self.capture_path()
+        graphs = self.spec.name == "cuda" and path == "device" and _cuda_graphs_allowed()
+        out = {"cuda_graphs": graphs, "torch_compile": self.compile, "capture_path": path}
         if self.spec.name == "cuda":
             out["allow_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
             out["allow_tf32_cudnn"] = torch.backends.cudnn.allow_tf32
@@ -110,14 +123,48 @@ class TorchBackend(Backend):
                                 asked=f"model {model.name}, layout {model.layout}",
                                 fix="pass the config.json that belongs to these weights") from None
 
+    def capture_path(self) -> str:
+        """Where decisions are taken: `device` (one host copy per step, CUDA graphs kept) or `host`.
+
+        The device path computes every decision rule of samplers.py with device ops that give the
+        same bits as numpy (float64), so both paths write identical traces; the host path stays for
+        plugin `on_logits` hooks (they need host logits before the decision) and for MPS (no float64).
+        """
+        asked = (self.path_choice or os.environ.get(CAPTURE_PATH_ENV, "")).strip().lower() or "auto"
+        if asked not in CAPTURE_PATHS:
+            raise XBackendError(f"Unknown capture path {asked!r}",
+                                asked=f"{CAPTURE_PATH_ENV} takes host, device or auto",
+                                fix=f"unset {CAPTURE_PATH_ENV}, or set it to host or device")
+        if self.on_logits is not None or asked == "host":
+            return "host"
+        if self.spec.name == "mps":
+            if asked == "device":
+                raise XBackendError(f"Backend {self.spec} cannot take decisions on the device",
+                                    asked="the device path computes decisions in float64, which MPS lacks",
+                                    fix=f"unset {CAPTURE_PATH_ENV} (MPS uses the host path)")
+            return "host"
+        return "device"
+
     def generate(self, job: Job, recorder: StepRecorder, on_step: Callable[[StepRecord], None]) -> None:
+        if self.capture_path() == "host" or recorder.on_logits is not None:
+            self._generate_host(job, recorder, on_step)
+        else:
+            self._generate_device(job, recorder, on_step)
+
+    def _lmgen(self, job: Job):
+        from moshi.models import lm as lm_module
+
+        s = job.sampler.settings
+        return lm_module.LMGen(self.lm, use_sampling=True, temp=s.temp_audio, temp_text=s.temp_text,
+                               top_k=s.top_k_audio, top_k_text=s.top_k_text)
+
+    def _generate_host(self, job: Job, recorder: StepRecorder, on_step: Callable[[StepRecord], None]) -> None:
+        """Eager: every stream's logits go to the host, which decides (or checks the native pick)."""
         import torch
         from moshi.models import lm as lm_module
         from moshi.utils.compile import no_compile, no_cuda_graph
 
-        s = job.sampler.settings
-        gen = lm_module.LMGen(self.lm, use_sampling=True, temp=s.temp_audio, temp_text=s.temp_text,
-                              top_k=s.top_k_audio, top_k_text=s.top_k_text)
+        gen = self._lmgen(job)
         original = lm_module.sample_token
 
         def hook(logits, use_sampling=False, temp=1.0, top_k=0, top_p=0.0):
@@ -144,6 +191,204 @@ class TorchBackend(Backend):
                     on_step(recorder.finish(frame))
         finally:
             lm_module.sample_token = original
+
+    def _generate_device(self, job: Job, recorder: StepRecorder, on_step: Callable[[StepRecord], None]) -> None:
+        """Decisions on the device, one host copy per step, upstream's CUDA graphs kept.
+
+        Steps are pipelined by one: step t+1 is launched before the host checks and writes step t,
+        so the host work overlaps the device's. Inputs of a step never depend on the host's view
+        of the previous one (portable noise, forced tokens and user codes are all known upfront).
+        """
+        import torch
+        from moshi.models import lm as lm_module
+        from moshi.utils.compile import no_compile
+
+        gen = self._lmgen(job)
+        original = lm_module.sample_token
+        dev = DeviceDecisions(job, torch.device(self.device), original)
+        self.seed_rng(job.seed)
+        lm_module.sample_token = dev.sample_token
+        pending = None
+        try:
+            with (contextlib.nullcontext() if self.compile else no_compile()), gen.streaming(1), torch.no_grad():
+                for t in range(job.steps):
+                    frame = job.frame(t, self.consumes_late)
+                    try:
+                        gen.step(dev.begin(t, frame))
+                        ticket = dev.download(t, frame)
+                    except BaseException:
+                        if pending is not None:  # keep the finished step: a killed run keeps steps up to N
+                            dev.record(pending, recorder, on_step)
+                        recorder.begin(t)
+                        raise
+                    if pending is not None:
+                        dev.record(pending, recorder, on_step)
+                    pending = ticket
+                if pending is not None:
+                    dev.record(pending, recorder, on_step)
+        finally:
+            lm_module.sample_token = original
+
+
+class DeviceDecisions:
+    """Static device buffers and the `sample_token` replacement of the device path.
+
+    Per step the device writes every stream's float32 logits, the int64 tokens and the float64
+    margins into one packed byte buffer, which travels to the host in one copy. Its addresses never
+    change, so the calls inside upstream's CUDA-graphed depformer are captured once and replayed.
+    Rules (samplers.py, all float64 where numpy is): portable z = logits/temp, keep z >= k-th largest,
+    score = z + gumbel, argmax, margin = (score[tok] - max of the others) * temp; greedy argmax with
+    margin logit[tok] - max of the others; forced the uploaded token (-1: greedy), same margin.
+    """
+
+    def __init__(self, job: Job, device, original: Callable):
+        import torch
+
+        self.torch, self.device, self.original = torch, device, original
+        self.sampler, self.vocab = job.sampler, [int(v) for v in job.model.vocab]
+        self.mode, self.n = job.sampler.mode, len(self.vocab)
+        offsets = np.concatenate([[0], np.cumsum(self.vocab)]).astype(int)
+        total = int(offsets[-1])
+        logit_bytes = -(-4 * total // 8) * 8
+        self.layout = (offsets, logit_bytes, logit_bytes + 8 * self.n, logit_bytes + 16 * self.n)
+        packed = torch.empty(self.layout[3], dtype=torch.uint8, device=device)
+        self.packed = packed
+        self.logits = [packed[4 * offsets[k]:4 * offsets[k + 1]].view(torch.float32) for k in range(self.n)]
+        self.margins = packed[logit_bytes:self.layout[2]].view(torch.float64)
+        self.tokens = packed[self.layout[2]:].view(torch.int64)
+        self.rules, self.temps = [], []
+        for k, v in enumerate(self.vocab):
+            temp, top_k = job.sampler.settings.for_stream(k)
+            rule = self.mode
+            if rule == "portable" and temp <= 0:
+                rule = "greedy"
+            self.rules.append(rule)
+            self.temps.append((temp, torch.tensor(temp, dtype=torch.float64, device=device),
+                               v if top_k <= 0 else min(top_k, v)))
+        self.cuda = device.type == "cuda"
+        pin = self.cuda
+        self.host = [torch.empty(self.layout[3], dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
+        # Inputs uploaded before each step: user codes, portable noise, forced tokens.
+        n_user = job.model.n_user
+        self.frame = torch.zeros((1, n_user, 1), dtype=torch.long, device=device)
+        self.frame_stage = [torch.zeros(n_user, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.noise = self.noise_stage = self.forced = self.forced_stage = None
+        if self.mode == "portable":
+            self.noise = torch.zeros(total, dtype=torch.float64, device=device)
+            self.noise_views = [self.noise[offsets[k]:offsets[k + 1]] for k in range(self.n)]
+            self.noise_stage = [torch.zeros(total, dtype=torch.float64, pin_memory=pin) for _ in range(2)]
+        if self.mode == "forced":
+            self.forced = torch.full((self.n,), -1, dtype=torch.long, device=device)
+            self.forced_stage = [torch.full((self.n,), -1, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.stream = 0
+        self.seed = job.sampler.seed
+
+    # --- before a step: inputs into static buffers -------------------------------------------------
+
+    def begin(self, step: int, frame: np.ndarray):
+        """Upload step `step`'s inputs (stream-ordered, non-blocking); returns the frame tensor for LMGen."""
+        slot = step % 2
+        self.stream = 0
+        stage = self.frame_stage[slot]
+        stage.numpy()[:] = frame
+        self.frame.view(-1).copy_(stage, non_blocking=True)
+        if self.noise is not None:
+            host = self.noise_stage[slot].numpy()
+            offsets = self.layout[0]
+            for k, v in enumerate(self.vocab):
+                if self.rules[k] == "portable":
+                    host[offsets[k]:offsets[k + 1]] = -np.log(-np.log(portable_uniforms(self.seed, step, k, v)))
+            self.noise.copy_(self.noise_stage[slot], non_blocking=True)
+        if self.forced is not None:
+            host = self.forced_stage[slot].numpy()
+            for k, v in enumerate(self.vocab):
+                token = self.sampler.forced_token(step, k)
+                if token >= v:
+                    raise BackendFailed(f"Forced token {token} at step {step}, stream {k} is outside the "
+                                        f"vocabulary of {v}", fix="force with tokens of the same model")
+                host[k] = token
+            self.forced.copy_(self.forced_stage[slot], non_blocking=True)
+        return self.frame
+
+    # --- during a step: upstream calls this instead of sample_token ---------------------------------
+
+    def sample_token(self, logits, use_sampling=False, temp=1.0, top_k=0, top_p=0.0):
+        torch = self.torch
+        k = self.stream
+        if k >= self.n:
+            raise BackendFailed(f"Backend sampled more than {self.n} streams in one step")
+        self.stream += 1
+        x = logits.reshape(-1, logits.shape[-1])[0]
+        self.logits[k].copy_(x)
+        if self.mode == "native":
+            token = self.original(logits, use_sampling, temp, top_k, top_p)
+            self.tokens[k:k + 1].copy_(token.reshape(-1)[:1])
+            return token
+        rule = self.rules[k]
+        if rule == "portable":
+            t, t_dev, kk = self.temps[k]
+            z = x.double().div_(t_dev)  # a device scalar: CUDA divides by a CPU scalar as a * (1/b)
+            kth = torch.kthvalue(z, z.shape[0] - kk + 1).values
+            score = torch.where(z >= kth, z + self.noise_views[k], -math.inf)
+            token = score.argmax().view(1)
+            self.margins[k:k + 1].copy_(_gap(torch, score, token).mul_(t))
+        else:
+            z = x.double()
+            token = x.argmax().view(1)
+            if rule == "forced":
+                forced = self.forced[k:k + 1]
+                token = torch.where(forced >= 0, forced, token)
+            self.margins[k:k + 1].copy_(_gap(torch, z, token))
+        self.tokens[k:k + 1].copy_(token)
+        return token.view(logits.shape[:-1])
+
+    # --- after a step: one copy to the host, then the recorder's checks ----------------------------
+
+    def download(self, step: int, frame: np.ndarray) -> tuple:
+        """Start the one device-to-host copy of step `step`; the result is read by `record`."""
+        # A replayed CUDA graph runs the depformer's decisions without calling Python: only the
+        # text decision (outside the graphs) is seen then.
+        if self.stream != self.n and not (self.cuda and self.stream == 1):
+            raise BackendFailed(f"Backend decided {self.stream} of {self.n} streams at step {step}")
+        slot = step % 2
+        if not self.cuda:
+            return step, frame, self.packed.cpu().numpy().copy()
+        self.host[slot].copy_(self.packed, non_blocking=True)
+        self.events[slot].record()
+        return step, frame, slot
+
+    def record(self, ticket: tuple, recorder: StepRecorder, on_step: Callable[[StepRecord], None]) -> None:
+        """Hand a finished step to the recorder (NaN/Inf and zero-probability checks), in stream order."""
+        step, frame, data = ticket
+        if self.cuda:
+            self.events[data].synchronize()
+            data = self.host[data].numpy().copy()
+        offsets, logit_bytes, token_at, _ = self.layout
+        floats = data[:4 * offsets[-1]].view(np.float32)
+        margins = data[logit_bytes:token_at].view(np.float64)
+        tokens = data[token_at:].view(np.int64)
+        recorder.begin(step)
+        for k in range(self.n):
+            recorder.take(floats[offsets[k]:offsets[k + 1]])
+            if self.mode == "native":
+                recorder.native_token(int(tokens[k]))
+            else:
+                recorder.decided(int(tokens[k]), float(margins[k]))
+        on_step(recorder.finish(frame))
+
+
+def _gap(torch, scores, token):
+    """scores[token] minus the best other score (samplers.top_two_gap, by index), float64 [1]."""
+    if scores.shape[-1] < 2:
+        return torch.full((1,), math.inf, dtype=torch.float64, device=scores.device)
+    others = scores.scatter(0, token, -math.inf)
+    return scores.gather(0, token) - others.max().view(1)
+
+
+def _cuda_graphs_allowed() -> bool:
+    """Upstream's own switch (moshi.utils.compile): NO_CUDA_GRAPH set to anything but 0/no/n turns them off."""
+    return os.environ.get("NO_CUDA_GRAPH", "").lower() in ("0", "no", "n", "")
 
 
 def _mimi(codec: CodecRef, n_codebooks: int):
