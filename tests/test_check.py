@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xbackend.check import CHECK_TOLERANCES, junit_xml, load_tolerances, logits_check, same_input_drift
+from xbackend.check import CHECK_TOLERANCES, junit_xml, load_tolerances, logits_check
+from xbackend.metrics import same_input_drift
 from xbackend.errors import XBackendError
 from xbackend.synthetic import synthetic_trace
 

@@ -5,8 +5,7 @@ import json
 import numpy as np
 import pytest
 
-import xbackend
-from xbackend import CaptureRequest, capture, load_trace
+from xbackend import CaptureRequest, capture
 from xbackend.models import resolve_model
 
 from .conftest import PEER, needs_peer, needs_tiny

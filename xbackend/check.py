@@ -228,25 +228,8 @@ class CheckResult:
         return self.status == "fail"
 
 
-def same_input_drift(base: Trace, fresh: Trace) -> dict:
-    """Max abs Δlogit of `fresh` against `base` where both saw the same inputs: every step before the
-    first token difference, and at that step the streams up to and including the one that differs."""
-    n = min(base.steps, fresh.steps)
-    until = metrics.first_token_divergence(base, fresh)
-    last = n if until is None else until[0] + 1
-    if last == 0:
-        return {"max_abs": 0.0, "at": None, "steps": 0, "token_divergence": None}
-    d = metrics.step_metrics(base, fresh, steps=last).max_abs.copy()
-    if until is not None:
-        d[until[0], base.streams.index(until[1]) + 1:] = 0.0
-    d = np.where(np.isnan(d), np.inf, d)
-    step, col = np.unravel_index(int(np.argmax(d)), d.shape)
-    return {"max_abs": float(d[step, col]), "at": {"step": int(step), "stream": base.streams[col]}, "steps": int(last),
-            "token_divergence": None if until is None else {"step": until[0], "stream": until[1]}}
-
-
 def logits_check(label: str, tier: str, tol: float, pairs: list[tuple[str, Trace, Trace]]) -> CheckResult:
-    runs = {name: same_input_drift(base, fresh) for name, base, fresh in pairs}
+    runs = {name: metrics.same_input_drift(base, fresh) for name, base, fresh in pairs}
     worst_run = max(runs, key=lambda r: runs[r]["max_abs"])
     worst = runs[worst_run]
     figures = {"tolerance": tol, "tier": tier, "max_abs": worst["max_abs"], "run": worst_run, "runs": runs}

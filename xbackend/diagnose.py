@@ -62,13 +62,6 @@ def first_logits_difference(a: Trace, b: Trace, until: Point | None = None) -> P
     return None
 
 
-def identical_input_drift(a: Trace, b: Trace) -> float:
-    """Max |Δlogit| between two runs over the steps where their inputs were identical."""
-    until = first_token_divergence(a, b)
-    steps = min(a.steps, b.steps) if until is None else until.step
-    return float(metrics.step_metrics(a, b, steps=steps).max_abs.max(initial=0.0))
-
-
 def drift_entry(m: metrics.StepMetrics, backend: str, vs: str, mode: str, tol: float) -> dict:
     """One `drift` record of report.json: per-stream summaries of every metric."""
     summaries = metrics.summarize_metrics(m)
@@ -86,7 +79,7 @@ def repeatability(label: str, runs: list[Trace]) -> dict:
         if tokens is None and other.steps != runs[0].steps:
             tokens = None  # a shorter run is a failure, reported elsewhere
         logits = first_logits_difference(runs[0], other, until=tokens)
-        drift = max(drift, identical_input_drift(runs[0], other))
+        drift = max(drift, metrics.same_input_drift(runs[0], other)["max_abs"])
         logits_point = _earliest(logits_point, logits, runs[0].streams)
         token_point = _earliest(token_point, tokens, runs[0].streams)
     first = _earliest(logits_point, token_point, runs[0].streams) if runs else None

@@ -167,7 +167,8 @@ class StepMetrics:
         return StepMetrics(self.streams, self.temperatures, self.top_k, **cut)
 
 
-def _sampling(trace: Trace) -> SamplingSettings:
+def sampling_settings(trace: Trace) -> SamplingSettings:
+    """The sampling settings a trace recorded (unknown keys ignored, missing ones at their defaults)."""
     raw = trace.meta.get("settings") or {}
     known = {f.name for f in fields(SamplingSettings)}
     return SamplingSettings(**{k: v for k, v in raw.items() if k in known})
@@ -212,7 +213,7 @@ def _group_size(vocab: int, k: int) -> int:
 
 
 def _plan(trace: Trace) -> list[_StreamPlan]:
-    settings = _sampling(trace)
+    settings = sampling_settings(trace)
     plans = []
     for i, v in enumerate(trace.meta["vocab"]):
         temp, top_k = settings.for_stream(i)
@@ -443,7 +444,7 @@ def step_metrics(a: Trace, b: Trace, *, steps: int | None = None, block: int = B
     n = min(a.steps, b.steps) if steps is None else max(0, min(int(steps), a.steps, b.steps))
     streams = a.streams
     n_streams = len(streams)
-    settings = _sampling(a)
+    settings = sampling_settings(a)
     plan = _plan(a)
     out = {name: np.zeros((n, n_streams), dtype=bool if name == "top1" else np.float64) for name in _OUT}
     tokens = np.asarray(a.tokens[:n], dtype=np.int64)
@@ -547,6 +548,23 @@ def first_token_divergence(a: Trace, b: Trace) -> tuple[int, str] | None:
         return None
     step, col = divmod(int(np.argmax(mismatch.reshape(-1))), mismatch.shape[1])
     return step, a.streams[col]
+
+
+def same_input_drift(base: Trace, fresh: Trace) -> dict:
+    """Max abs Δlogit of `fresh` against `base` where both saw the same inputs: every step before the
+    first token difference, and at that step the streams up to and including the one that differs."""
+    n = min(base.steps, fresh.steps)
+    until = first_token_divergence(base, fresh)
+    last = n if until is None else until[0] + 1
+    if last == 0:
+        return {"max_abs": 0.0, "at": None, "steps": 0, "token_divergence": None}
+    d = step_metrics(base, fresh, steps=last).max_abs.copy()
+    if until is not None:
+        d[until[0], base.streams.index(until[1]) + 1:] = 0.0
+    d = np.where(np.isnan(d), np.inf, d)
+    step, col = np.unravel_index(int(np.argmax(d)), d.shape)
+    return {"max_abs": float(d[step, col]), "at": {"step": int(step), "stream": base.streams[col]}, "steps": int(last),
+            "token_divergence": None if until is None else {"step": until[0], "stream": until[1]}}
 
 
 def bitwise_equal_steps(a: Trace, b: Trace) -> int | None:

@@ -14,7 +14,7 @@ import json
 import shlex
 import tarfile
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,6 @@ import numpy as np
 from . import metrics
 from .compare import load_partial, safe_name
 from .errors import XBackendError
-from .samplers import SamplingSettings
 from .trace import Trace, TraceWriter
 
 REPORT_JSON = "report.json"
@@ -92,15 +91,9 @@ def load_run(path: str | Path) -> RunDir:
     return RunDir(path, report)
 
 
-def sampling_settings(trace: Trace) -> SamplingSettings:
-    raw = trace.meta.get("settings") or {}
-    known = {f.name for f in fields(SamplingSettings)}
-    return SamplingSettings(**{k: v for k, v in raw.items() if k in known})
-
-
 def temperature(trace: Trace, stream: str) -> float:
     """The stream's sampling temperature from the trace's settings; greedy (0) counts as 1."""
-    temp = sampling_settings(trace).for_stream(trace.streams.index(stream))[0]
+    temp = metrics.sampling_settings(trace).for_stream(trace.streams.index(stream))[0]
     return float(temp) if temp > 0 else 1.0
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import BackendFailed, BackendUnavailable, XBackendError
+from ..errors import BackendFailed, XBackendError
 from ..models import CodecRef, ModelRef
 from ..samplers import portable_uniforms
 from ..spec import BackendSpec
