@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+import xbackend
 from xbackend import CaptureRequest, capture
 from xbackend.models import resolve_model
 
@@ -149,3 +150,26 @@ def test_prompt_of_any_rate_and_channels(tmp_path):
     np.save(tmp_path / "codes.npy", p.codes)
     again = load_prompt(str(tmp_path / "codes.npy"), resolve_model("tiny"), steps=30)
     assert np.array_equal(again.codes, p.codes) and again.digest == p.digest
+
+
+def test_a_zero_probability_native_pick_fails_the_backend(tmp_path, monkeypatch):
+    """What MPS's exponential_ bug does to moshi's sampler (pytorch#192577): caught, not recorded as data."""
+    import torch
+    from moshi.models import lm as lm_module
+
+    from xbackend import BackendFailed
+
+    def broken(logits, use_sampling=False, temp=1.0, top_k=0, top_p=0.0):
+        return torch.argmin(logits, dim=-1)  # a token outside the top-k: probability zero
+
+    monkeypatch.setattr(lm_module, "sample_token", broken)
+    with pytest.raises(BackendFailed, match="zero probability") as err:
+        run(tmp_path, "z", steps=4)
+    assert err.value.exit_code == 3 and "pytorch#192577" in str(err.value)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = xbackend.load_trace(tmp_path / "z")
+    assert kept.steps == 0 and kept.meta["status"] == "failed"
+    assert kept.meta["failed_at"] == {"step": 0, "stream": "text"}
