@@ -114,3 +114,32 @@ def test_hub_model_offline_is_a_clear_error(tmp_path):
     proc = run_cli("capture", "--model", "hf://kyutai/moshiko-pytorch-bf16", "--steps", "2", "--out", str(tmp_path / "t"),
                    env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert_clean_error(proc, 2, "Cannot fetch hf://kyutai/moshiko-pytorch-bf16", "network")
+
+
+def test_capture_into_a_directory_keeps_files_that_are_not_the_traces(tmp_path):
+    out = tmp_path / "mixed"
+    out.mkdir()
+    (out / "firmware.bin").write_bytes(b"keep me")
+    assert run_cli("capture", "--steps", "2", "--out", str(out)).returncode == 0
+    assert (out / "firmware.bin").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["compare", "--backends", "cpu"], "at least 2 backends"),
+    (["compare", "--backends", "cpu,,mlx:cpu"], "Empty backend"),
+    (["repeat", "--backend", "cpu,mlx:cpu"], "repeat runs one backend"),
+    (["capture", "--steps", "2", "--out", "/proc/xbackend-no"], "writable"),
+])
+def test_more_bad_input(tmp_path, args, needle):
+    assert_clean_error(run_cli(*args), 2, needle)
+
+
+def test_diff_of_a_trace_with_no_complete_step(tmp_path):
+    a = tmp_path / "a"
+    assert run_cli("capture", "--steps", "3", "--out", str(a)).returncode == 0
+    b = tmp_path / "b"
+    import shutil
+
+    shutil.copytree(a, b)
+    (b / "digests.txt").write_text("")
+    assert_clean_error(run_cli("diff", str(a), str(b)), 2, "no complete step")

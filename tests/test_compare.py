@@ -169,11 +169,26 @@ def test_upstream_alignment_is_a_semantic_mismatch(tmp_path):
 
 def test_crash_keeps_the_steps_done(tmp_path):
     report, v = compare(tmp_path, ["cpu", "crash"], ["crash"])
-    assert v["verdict"] == "BACKEND_FAILED" and v["first_divergence"] == {"step": 5, "stream": "text"}
+    # The process died inside step 5: the step is known from the trace, the stream is not.
+    assert v["verdict"] == "BACKEND_FAILED" and v["first_divergence"] == {"step": 5, "stream": None}
     kept = load_trace_quiet(tmp_path / "run" / "traces" / "crash" / "native-0")
     assert kept.steps == 5
     assert next(b for b in report["backends"] if b["name"] == "crash")["status"] == "failed"
     assert exit_code(report) == 3
+
+
+def test_exception_names_the_step_and_stream(tmp_path):
+    PLUGINS["raise"] = """
+        def f(run, step, stream, x):
+            if step == 3 and stream == "audio5":
+                raise RuntimeError("kernel exploded")
+            return x
+        xbackend.register_backend("raise", xbackend.wrap_backend("cpu", on_logits=f))
+    """
+    report, v = compare(tmp_path, ["cpu", "raise"], ["raise"])
+    assert v["verdict"] == "BACKEND_FAILED" and v["first_divergence"] == {"step": 3, "stream": "audio5"}
+    assert "kernel exploded" in v["explanation"]
+    assert load_trace_quiet(tmp_path / "run" / "traces" / "raise" / "native-0").steps == 3
 
 
 def test_nan_logits_fail_the_backend(tmp_path):
@@ -239,3 +254,14 @@ def load_trace_quiet(path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load_trace(path)
+
+
+def test_failed_reference_blames_no_one_else(tmp_path):
+    report, = [run_compare(CompareRequest(backends=("nan", "cpu"), plugins=(plugin(tmp_path, "nan"),), steps=8,
+                                          decode_audio=False), tmp_path / "run")]
+    (v,) = report["verdicts"]
+    assert v["backend"] == "nan" and v["verdict"] == "BACKEND_FAILED"
+    assert v["first_divergence"] == {"step": 4, "stream": "audio2"}
+    assert report["not_diagnosed"][0]["backend"] == "cpu" and "reference nan" in report["not_diagnosed"][0]["reason"]
+    assert next(b for b in report["backends"] if b["name"] == "cpu")["status"] == "ok"
+    assert exit_code(report) == 3

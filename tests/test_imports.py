@@ -1,5 +1,6 @@
 """`import xbackend` and `xbackend --help` must work without torch or mlx (STYLE rule 4)."""
 
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ sys.meta_path.insert(0, Block())
 
 
 def run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, COLUMNS="250")  # wide enough that table cells are not wrapped
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_import_and_help_do_not_load_frameworks():

@@ -11,9 +11,9 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import Job, StepRecorder, create_backend
+from .backends import Job, StepRecorder, create_backend, require_available
 from .backends.base import ALIGNMENTS
-from .errors import BackendFailed, BackendUnavailable, XBackendError
+from .errors import BackendFailed, XBackendError
 from .models import ModelRef, resolve_model
 from .prompt import CODES_SUFFIXES, Prompt, codes_digest, load_prompt, read_codes
 from .samplers import Sampler, SamplingSettings, parse_mode
@@ -95,11 +95,7 @@ def capture(req: CaptureRequest, out: str | Path,
             progress: Callable[[int, int], None] | None = None) -> Trace:
     """Run `req` and write its trace to `out`; failures keep the steps done so far."""
     check_request(req)
-    backend = create_backend(req.backend)
-    reason = backend.unavailable_reason()
-    if reason:
-        raise BackendUnavailable(f"Backend {backend.label} is unavailable: {reason}",
-                                 fix="run `xbackend backends` to see what runs on this machine")
+    backend = require_available(create_backend(req.backend))
     model = resolve_model(req.model, req.model_config)
     sampler, forced_user = make_sampler(req, model)
     if forced_user is not None:

@@ -17,7 +17,7 @@ machine, so they are far tighter than the cross-backend `metrics.TOLERANCES`:
 
 | tier | max abs Δlogit | why |
 | --- | --- | --- |
-| fp64 | 1e-9 | as across backends: rounding is 1e-16 |
+| fp64 | 4e-6 | traces keep float32 logits (upstream casts them): two float32 ulps at abs(logit) ~ 20 |
 | fp32 | 1e-5 | same kernels give 0; another BLAS build, thread count or CPU generation reorders sums by a few ulps of logits ~±10 (1e-6) |
 | fp16 | 4e-3 | about 8 half-precision ulps of a logit near 1 |
 | bf16 | 1.6e-2 | about 2 bf16 ulps of a logit near 1 |
@@ -52,7 +52,7 @@ BASELINE_JSON = "baseline.json"
 PROMPT_CODES = "prompt_codes.npy"
 
 CHECK_TOLERANCES: dict[str, float] = {
-    "fp64": 1e-9,
+    "fp64": 4e-6,
     "fp32": 1e-5,
     "fp16": 4e-3,
     "bf16": 1.6e-2,

@@ -35,6 +35,9 @@ def friendly(fn: Callable) -> Callable:
         except XBackendError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code)
+        except OSError as exc:  # an unwritable --out, a full disk: the user's to fix
+            typer.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}. Fix: choose a writable path.", err=True)
+            raise typer.Exit(2)
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130)
@@ -157,6 +160,8 @@ def print_verdicts(report: dict) -> None:
     for b in report["backends"]:
         if b["status"] != "ok":
             console.print(f"[red]{b['name']}: {b['status']}[/red] - {b['error']}")
+    for n in report.get("not_diagnosed", []):
+        console.print(f"[yellow]{n['backend']}: not diagnosed[/yellow] - {n['reason']}")
     table = Table(title=f"xbackend compare (reference: {report['reference']})")
     table.add_column("backend", no_wrap=True)
     table.add_column("verdict", no_wrap=True)
@@ -212,7 +217,7 @@ def compare(
                          plugins=tuple(str(p) for p in plugin or []))
     progress, on_event = run_progress()
     with progress:
-        report = run_compare(req, out, on_event)
+        report = run_compare(req, out, on_event, min_backends=2)
     if json_out:
         typer.echo(json.dumps(report, indent=2, default=str))
     else:
@@ -241,6 +246,10 @@ def diff(
     from .diff import diff as run_diff
 
     result = run_diff(trace_a, trace_b, force=force)
+    if result.steps_compared == 0:
+        empty = trace_a if result.steps_a == 0 else trace_b
+        raise XBackendError(f"Trace {empty} has no complete step, so there is nothing to compare",
+                            fix="capture it again (its meta.json says why the run stopped)")
     data = result.to_dict()
     if json_out:
         typer.echo(json.dumps(data, indent=2))

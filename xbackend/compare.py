@@ -14,10 +14,10 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import create_backend, load_plugin
+from .backends import create_backend, load_plugin, require_available
 from .capture import DEFAULT_SEED, CaptureRequest, check_request
 from .diagnose import BackendRuns, diagnose, explain, repeatability
-from .errors import XBackendError
+from .errors import BackendFailed, XBackendError
 from .metrics import tolerance
 from .models import resolve_model
 from .prompt import load_prompt
@@ -88,7 +88,7 @@ def collect(label: str, tier: str, outcomes: list[RunOutcome]) -> BackendRuns:
             tr = traces.get(o.name.split("/", 1)[1])
             failures.append({"run": o.name, "status": o.status, "error": o.error,
                              "failed_at": (tr.meta.get("failed_at") if tr else None) or (
-                                 {"step": tr.steps, "stream": tr.streams[0]} if tr else None),
+                                 {"step": tr.steps, "stream": None} if tr else None),
                              "steps": tr.steps if tr else 0})
     native = [traces[k] for k in sorted(traces) if k.startswith("native-") and traces[k] is not None]
     return BackendRuns(label=label, tier=tier, status="failed" if failures else "ok",
@@ -96,11 +96,18 @@ def collect(label: str, tier: str, outcomes: list[RunOutcome]) -> BackendRuns:
                        portable=traces.get("portable"), forced=traces.get("forced"), failures=failures)
 
 
-def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None = None) -> dict:
-    """Run every backend through the protocol and write `report.json` (and audio) to `out`."""
+def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None = None,
+                min_backends: int = 1) -> dict:
+    """Run every backend through the protocol and write `report.json` (and audio) to `out`.
+
+    With one backend only its repeatability is measured (what a one-backend baseline needs)."""
     started = time.perf_counter()
     out = Path(out)
     specs = parse_specs(",".join(req.backends))
+    if len(specs) < min_backends:
+        raise XBackendError(f"compare needs at least {min_backends} backends, got {len(specs)} ({','.join(req.backends)})",
+                            fix="name a reference and at least one other, e.g. --backends cpu,mlx:cpu; "
+                                "for one backend's repeatability use `xbackend repeat`")
     if req.repeats < 1:
         raise XBackendError(f"--repeats must be at least 1, got {req.repeats}")
     if req.timeout <= 0:
@@ -120,7 +127,7 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
     runs: dict[str, BackendRuns] = {}
     job_dir = out / "jobs"
     job_dir.mkdir(exist_ok=True)
-    forced_from = None
+    forced_from = None  # the reference's first native run, once it completed
     for label, spec in zip(labels, specs):
         backend = create_backend(spec)
         reason = backend.unavailable_reason()
@@ -136,11 +143,8 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
                "runs": _runs(label, base, out, req.repeats, forced_from)}
         outcomes = run_worker(job, job_dir / f"{safe_name(label)}.json", req.timeout, on_event)
         runs[label] = collect(label, spec.tier, outcomes)
-        if forced_from is None:
-            first = runs[label].native[0] if runs[label].native else None
-            forced_from = first.path if first is not None and first.complete else None
-            if forced_from is None:
-                forced_from = Path(out / "traces" / safe_name(label) / "native-0")
+        if label == labels[0] and runs[label].status == "ok":
+            forced_from = runs[label].native[0].path
         if runs[label].status != "ok":
             entry.update(status="failed", error=runs[label].error)
         trace = (runs[label].native or [None])[0]
@@ -166,8 +170,14 @@ def build_report(req: CompareRequest, model, prompt, labels: list[str], backends
                  runs: dict[str, BackendRuns], out: Path) -> dict:
     ref = runs[labels[0]]
     window = max(int(d) for d in model.config["delays"]) + 2
-    verdicts, drift = [], []
-    for label in labels[1:]:
+    verdicts, drift, not_diagnosed = [], [], []
+    if ref.status != "ok":  # nothing to compare against: say so, and blame no one else
+        v, _ = diagnose(ref, ref, tolerance(ref.tier, ref.tier), window)
+        v["explanation"] = explain(v, ref.error)
+        verdicts.append(v)
+        not_diagnosed = [{"backend": label, "reason": f"the reference {ref.label} is {ref.status}: {ref.error}"}
+                         for label in labels[1:]]
+    for label in labels[1:] if ref.status == "ok" else []:
         other = runs[label]
         tol = tolerance(ref.tier, other.tier)
         v, records = diagnose(ref, other, tol, window)
@@ -179,7 +189,8 @@ def build_report(req: CompareRequest, model, prompt, labels: list[str], backends
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in ["xbackend", *sys.argv[1:]]) if sys.argv else None,
-        "request": {"backends": list(req.backends), "model": model.name, "model_digest": model.digest,
+        "request": {"backends": list(req.backends), "model": model.name, "model_config": req.model_config,
+                    "model_digest": model.digest,
                     "prompt": prompt.describe(), "seed": req.seed, "steps": req.steps, "repeats": req.repeats,
                     "timeout": req.timeout, "alignment": req.alignment,
                     "settings": req.settings.__dict__, "plugins": list(req.plugins)},
@@ -187,6 +198,7 @@ def build_report(req: CompareRequest, model, prompt, labels: list[str], backends
         "reference_repeatability": next((r for r in repeat if r["backend"] == labels[0]), None),
         "backends": backends,
         "verdicts": verdicts,
+        "not_diagnosed": not_diagnosed,
         "repeatability": repeat,
         "drift": drift,
         "failures": [f for r in runs.values() for f in r.failures],
@@ -214,6 +226,9 @@ def exit_code(report: dict) -> int:
     """SPEC §5: 3 a backend failed or is unavailable, 1 a divergence or drift beyond tolerance, else 0."""
     if any(b["status"] != "ok" for b in report["backends"]):
         return 3
+    ref = report.get("reference_repeatability")
+    if ref and not (ref["logits_identical"] and ref["tokens_identical"]):
+        return 1  # a nondeterministic reference is a finding, as it is for any other backend
     for v in report["verdicts"]:
         if v["verdict"] not in ("IDENTICAL", "NUMERIC_DRIFT") or not v["figures"].get("within_tolerance", True):
             return 1
@@ -223,7 +238,11 @@ def exit_code(report: dict) -> int:
 def run_repeat(req: CompareRequest, out: str | Path, on_event: EventFn | None = None) -> dict:
     """Run one backend `req.repeats` times, same seed and inputs: is it bitwise repeatable?"""
     out = Path(out)
-    (spec,) = parse_specs(",".join(req.backends))
+    specs = parse_specs(",".join(req.backends))
+    if len(specs) != 1:
+        raise XBackendError(f"repeat runs one backend, got {len(specs)} ({','.join(req.backends)})",
+                            fix="pass one spec, e.g. --backend mps; to compare backends use `xbackend compare`")
+    (spec,) = specs
     for plugin in req.plugins:
         load_plugin(plugin)
     base = CaptureRequest(backend=str(spec), model=req.model, model_config=req.model_config, prompt=req.prompt,
@@ -231,13 +250,7 @@ def run_repeat(req: CompareRequest, out: str | Path, on_event: EventFn | None = 
     check_request(base)
     if req.repeats < 2:
         raise XBackendError(f"--runs must be at least 2 to say anything about repeatability, got {req.repeats}")
-    backend = create_backend(spec)
-    reason = backend.unavailable_reason()
-    if reason:
-        from .errors import BackendUnavailable
-
-        raise BackendUnavailable(f"Backend {spec} is unavailable: {reason}",
-                                 fix="run `xbackend backends` to see what runs on this machine")
+    require_available(create_backend(spec))
     model = resolve_model(req.model, req.model_config)
     out.mkdir(parents=True, exist_ok=True)
     prompt = load_prompt(req.prompt, model, req.steps)
@@ -250,7 +263,9 @@ def run_repeat(req: CompareRequest, out: str | Path, on_event: EventFn | None = 
     outcomes = run_worker({"plugins": [str(p) for p in req.plugins], "runs": runs},
                           out / "jobs" / "repeat.json", req.timeout, on_event)
     traces = [t for t in (load_partial(Path(o.out)) for o in outcomes) if t is not None]
-    result = repeatability(label, traces) if traces else {"backend": label, "runs": 0}
+    if not traces:
+        raise BackendFailed(f"Backend {label} wrote no trace in {req.repeats} runs ({outcomes[0].error})")
+    result = repeatability(label, traces)
     result["failures"] = [{"run": o.name, "status": o.status, "error": o.error} for o in outcomes if o.status != "ok"]
     result["identical_logits_runs"] = sum(t.digests == traces[0].digests for t in traces)
     result["identical_token_runs"] = sum(np.array_equal(t.tokens, traces[0].tokens) for t in traces)

@@ -22,7 +22,7 @@ class Point:
     """A (step, stream) position in a run."""
 
     step: int
-    stream: str
+    stream: str | None
 
     def to_dict(self) -> dict:
         return {"step": self.step, "stream": self.stream}
@@ -75,9 +75,7 @@ def repeatability(label: str, runs: list[Trace]) -> dict:
     """Are repeats of one backend bitwise identical in logits (on identical inputs) and tokens?"""
     logits_point, token_point, drift = None, None, 0.0
     for other in runs[1:]:
-        tokens = first_token_divergence(runs[0], other)
-        if tokens is None and other.steps != runs[0].steps:
-            tokens = None  # a shorter run is a failure, reported elsewhere
+        tokens = first_token_divergence(runs[0], other)  # a shorter run is a failure, reported elsewhere
         logits = first_logits_difference(runs[0], other, until=tokens)
         drift = max(drift, metrics.same_input_drift(runs[0], other)["max_abs"])
         logits_point = _earliest(logits_point, logits, runs[0].streams)
@@ -165,12 +163,12 @@ def _point(d: dict | None) -> Point | None:
 
 
 def _failure(ref: BackendRuns, other: BackendRuns) -> tuple[Point | None, str] | None:
-    for runs in (other, ref):
+    for runs in (ref, other):
         if runs.status != "ok" or runs.failures or not runs.native or runs.portable is None or (
                 runs is other and runs.forced is None):
             f = runs.failures[0] if runs.failures else {}
             at = f.get("failed_at")
-            point = Point(at["step"], at["stream"]) if at and at.get("stream") else None
+            point = Point(at["step"], at.get("stream")) if at else None  # stream None: the process died mid-step
             return point, f.get("error") or runs.error or "a run is missing"
     return None
 
@@ -190,12 +188,13 @@ def explain(v: dict, failure: str | None = None) -> str:
     """One paragraph, with the numbers, that says why the verdict was reached."""
     f, who, ref = v["figures"], v["backend"], v["vs"]
     at = v["first_divergence"]
-    where = f"step {at['step']}, stream {at['stream']}" if at else "no single step"
+    where = (f"step {at['step']}, stream {at['stream'] or 'unknown: the process died mid-step'}" if at
+             else "no single step")
     tol = f.get("tolerance", 0.0)
     name = v["verdict"]
     if name == "BACKEND_FAILED":
-        return (f"{who} did not complete its runs ({where}): {failure or v.get('note') or 'unknown error'}. "
-                "The steps it completed are kept in its traces; nothing else can be concluded for it.")
+        return (f"{who} could not complete its runs ({where}): {(failure or 'unknown error').rstrip('.')}. "
+                "Whatever steps it completed are kept in its traces; nothing else can be concluded for it.")
     forced = (f"Teacher-forced onto {ref}'s tokens, its logits differ by at most {f['forced_max_abs']:.3g} "
               f"over {f['steps']} steps (tolerance {tol:g}; its own run-to-run drift {f['run_to_run_drift']:.3g}).")
     if name == "SEMANTIC_MISMATCH":

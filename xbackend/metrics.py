@@ -32,7 +32,7 @@ of the same weights; comparing two tiers uses the looser of the two (`tolerance(
 
 | tier | max abs Δlogit | why |
 | --- | --- | --- |
-| fp64 | 1e-9 | unit roundoff 1.1e-16: 1e7 x room for reduction-order noise |
+| fp64 | 1e-5 | computed in float64, but upstream casts logits to float32 before sampling, which is what traces keep: one float32 ulp at abs(logit) ~ 20 is 2e-6 |
 | fp32 | 1e-3 | measured ~1e-6 (tiny model); 7B depth and width grow it, see below |
 | fp16 | 0.25 | unit roundoff 4.9e-4 (2^13 x fp32's); logits near 20 sit 0.016 apart, and the rounding of every activation adds up over the layers |
 | bf16 | 1.0 | unit roundoff 3.9e-3 (8 x fp16's); logits in [16, 32) sit 0.125 apart; measured on the tiny model: MLX bf16 vs fp32 up to 0.72, PyTorch CPU bf16 up to ~0.6 |
@@ -93,7 +93,7 @@ from .samplers import SamplingSettings
 from .trace import Trace
 
 TOLERANCES: dict[str, float] = {
-    "fp64": 1e-9,
+    "fp64": 1e-5,
     "fp32": 1e-3,
     "fp16": 0.25,
     "bf16": 1.0,

@@ -68,8 +68,8 @@ def parse_spec(text: str) -> BackendSpec:
 
 def parse_specs(text: str) -> list[BackendSpec]:
     """Parse a comma-separated list such as `cpu,mps,mlx`."""
-    specs = [parse_spec(t) for t in text.split(",") if t.strip()]
-    if not specs:
-        raise XBackendError("No backend given", asked=f"--backends {text!r}",
-                            fix="name at least one, e.g. --backends cpu,mlx:cpu")
-    return specs
+    items = text.split(",")
+    if not text.strip() or any(not t.strip() for t in items):
+        raise XBackendError(f"Empty backend in the list {text!r}",
+                            fix="separate specs by single commas, e.g. --backends cpu,mlx:cpu")
+    return [parse_spec(t) for t in items]

@@ -4,7 +4,8 @@ Layout of a trace directory:
 
 - `meta.json`: everything needed to read and to judge the run (streams, vocab sizes, dtypes,
   settings, env fingerprint, status); rewritten atomically at the start and at the end.
-- `logits-<stream>.bin`: raw little-endian rows `[steps, vocab]` (float32, float64 for fp64 runs).
+- `logits-<stream>.bin`: raw little-endian rows `[steps, vocab]`, float32: the logits as upstream
+  hands them to its sampler (moshi casts them to float32 there, fp64 runs included).
 - `tokens.bin` int32 `[steps, streams]`, `margins.bin` float32 `[steps, streams]`,
   `inputs.bin` int32 `[steps, user_streams]` (the user codes passed at that step).
 - `digests.txt`: one line per step, the sha256 of that step's logits (all streams).
@@ -56,9 +57,10 @@ class TraceWriter:
                  n_inputs: int, logits_dtype: str = "float32"):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        for old in self.path.iterdir():
-            if old.name == META or old.name == DIGESTS or old.suffix == ".bin":
-                old.unlink()
+        ours = {META, DIGESTS, "tokens.bin", "margins.bin", "inputs.bin", *(f"logits-{s}.bin" for s in streams)}
+        for old in self.path.glob("*"):
+            if old.name in ours or (old.name.startswith("logits-") and old.suffix == ".bin"):
+                old.unlink()  # a previous trace here: only its own files go
         self.streams, self.vocab, self.dtype = streams, vocab, np.dtype(logits_dtype)
         self.meta = dict(meta, schema=SCHEMA, streams=streams, vocab=vocab, n_inputs=n_inputs,
                          logits_dtype=self.dtype.name, status="running", steps=0, error=None)

@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from ..errors import XBackendError
+from ..errors import BackendUnavailable, XBackendError
 from ..spec import BackendSpec, parse_spec
 from .base import Backend, Job, LogitsHook, StepRecord, StepRecorder
 
@@ -41,7 +41,8 @@ def _mlx(spec: BackendSpec) -> Backend:
 for _name in ("cpu", "cuda", "mps"):
     register_backend(_name, _torch)
 register_backend("mlx", _mlx)
-BUILTIN_SPECS = ("cpu", "cpu:fp64", "cuda", "cuda:bf16", "mps", "mps:fp16", "mlx", "mlx:cpu", "mlx:gpu", "mlx:q8", "mlx:q4")
+BUILTIN_SPECS = ("cpu", "cpu:fp64", "cuda", "cuda:bf16", "mps", "mps:fp16", "mlx", "mlx:cpu", "mlx:gpu",
+                 "mlx:gpu:bf16", "mlx:q8", "mlx:q4")
 
 
 def load_entry_points() -> None:
@@ -87,6 +88,15 @@ def create_backend(spec: BackendSpec | str) -> Backend:
     return backend
 
 
+def require_available(backend: Backend) -> Backend:
+    """Raise `BackendUnavailable` (exit 3) with the reason when `backend` cannot run here."""
+    reason = backend.unavailable_reason()
+    if reason:
+        raise BackendUnavailable(f"Backend {backend.label} is unavailable: {reason}",
+                                 fix="run `xbackend backends` to see what runs on this machine")
+    return backend
+
+
 def wrap_backend(spec: BackendSpec | str, on_logits: LogitsHook) -> Factory:
     """A factory for `spec` whose logits pass through `on_logits(run, step, stream, logits)`
     before sampling and recording: for fault injection and custom kernels in tests.
@@ -106,5 +116,5 @@ def wrap_backend(spec: BackendSpec | str, on_logits: LogitsHook) -> Factory:
     return factory
 
 
-__all__ = ["Backend", "Job", "StepRecord", "StepRecorder", "register_backend", "create_backend",
+__all__ = ["Backend", "Job", "StepRecord", "StepRecorder", "register_backend", "create_backend", "require_available",
            "wrap_backend", "load_plugin", "registered", "BUILTIN_SPECS"]

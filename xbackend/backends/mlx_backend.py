@@ -100,6 +100,7 @@ class MlxBackend(Backend):
         env["mlx_default_device"] = str(mx.default_device())
         env["metal_available"] = bool(mx.metal.is_available())
         env["MLX_ENABLE_TF32"] = os.environ.get("MLX_ENABLE_TF32")
+        env["threads"] = os.cpu_count()  # MLX exposes no thread setting; its CPU kernels may use every core
         return env
 
     def effective(self) -> dict:
