@@ -38,7 +38,6 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 
 from . import metrics
 from .compare import CompareRequest, EventFn, load_partial, run_compare, safe_name
@@ -244,18 +243,17 @@ def logits_check(label: str, tier: str, tol: float, pairs: list[tuple[str, Trace
 
 def tokens_check(label: str, base: Trace, fresh: Trace) -> CheckResult:
     n = min(base.steps, fresh.steps)
-    diff = np.argwhere(np.asarray(base.tokens[:n]) != np.asarray(fresh.tokens[:n]))
+    found = metrics.first_token_divergence(base, fresh)
     figures = {"steps": n, "baseline_steps": base.steps}
-    if diff.size == 0 and fresh.steps >= base.steps:
+    if found is None and fresh.steps >= base.steps:
         return CheckResult(label, "tokens", "pass",
                            f"{label}: tokens: portable tokens identical to the baseline's over {n} steps", figures)
-    if diff.size == 0:
+    if found is None:
         return CheckResult(label, "tokens", "fail", f"{label}: tokens: the portable run stopped at step {fresh.steps} "
                            f"of the baseline's {base.steps}", figures)
-    step, col = (int(x) for x in diff[0])
-    stream = base.streams[col]
-    delta = float(np.max(np.abs(np.asarray(base.logits(stream)[step], dtype=np.float64)
-                                - np.asarray(fresh.logits(stream)[step], dtype=np.float64))))
+    step, stream = found
+    col = base.streams.index(stream)
+    delta = metrics.max_abs_at(base, fresh, step, stream)
     figures.update(first_difference={"step": step, "stream": stream}, baseline_token=int(base.tokens[step, col]),
                    token=int(fresh.tokens[step, col]), max_abs_there=delta,
                    margin_there=float(base.margins[step, col]))

@@ -173,7 +173,7 @@ def build_report(req: CompareRequest, model, prompt, labels: list[str], backends
     verdicts, drift, not_diagnosed = [], [], []
     if ref.status != "ok":  # nothing to compare against: say so, and blame no one else
         v, _ = diagnose(ref, ref, tolerance(ref.tier, ref.tier), window)
-        v["explanation"] = explain(v, ref.error)
+        v["explanation"] = explain(v)
         verdicts.append(v)
         not_diagnosed = [{"backend": label, "reason": f"the reference {ref.label} is {ref.status}: {ref.error}"}
                          for label in labels[1:]]
@@ -181,7 +181,7 @@ def build_report(req: CompareRequest, model, prompt, labels: list[str], backends
         other = runs[label]
         tol = tolerance(ref.tier, other.tier)
         v, records = diagnose(ref, other, tol, window)
-        v["explanation"] = explain(v, other.error or ref.error)
+        v["explanation"] = explain(v)
         verdicts.append(v)
         drift.extend(records)
     repeat = [repeatability(r.label, r.native) for r in runs.values() if r.native]

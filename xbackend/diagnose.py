@@ -103,11 +103,11 @@ def _earliest(a: Point | None, b: Point | None, streams: list[str]) -> Point | N
 def diagnose(ref: BackendRuns, other: BackendRuns, tolerance: float, window: int) -> tuple[dict, list[dict]]:
     """The verdict for `other` against `ref` (SPEC §4), the first rule that holds with the others as
     findings, and the drift records (teacher-forced and portable) behind it."""
-    holds: dict[str, tuple[Point | None, str]] = {}
+    holds: dict[str, Point | None] = {}
     failed = _failure(ref, other)
     if failed:
-        holds["BACKEND_FAILED"] = failed
-        return _verdict(other.label, ref.label, holds, {}), []
+        holds["BACKEND_FAILED"], error = failed
+        return _verdict(other.label, ref.label, holds, {"error": error}), []
     figures: dict = {}
     rep = repeatability(other.label, other.native)
     rr = rep["run_to_run_drift"]
@@ -126,11 +126,11 @@ def diagnose(ref: BackendRuns, other: BackendRuns, tolerance: float, window: int
         s, k = over[0]
         figures["semantic_window"] = window
         figures["semantic_max_abs"] = float(early.max())
-        holds["SEMANTIC_MISMATCH"] = (Point(int(s), ref.native[0].streams[int(k)]), "")
+        holds["SEMANTIC_MISMATCH"] = Point(int(s), ref.native[0].streams[int(k)])
     if not rep["logits_identical"]:
-        holds["NONDETERMINISTIC_KERNELS"] = (_point(rep["first_logits_difference"]), "")
+        holds["NONDETERMINISTIC_KERNELS"] = _point(rep["first_logits_difference"])
     elif not rep["tokens_identical"]:
-        holds["NONDETERMINISTIC_SAMPLER"] = (_point(rep["first_token_difference"]), "")
+        holds["NONDETERMINISTIC_SAMPLER"] = _point(rep["first_token_difference"])
     n = first_token_divergence(ref.native[0], other.native[0])
     p = first_token_divergence(ref.portable, other.portable)
     figures["native_divergence"] = None if n is None else n.to_dict()
@@ -143,19 +143,19 @@ def diagnose(ref: BackendRuns, other: BackendRuns, tolerance: float, window: int
                                                                  float(portable.margin_a[p.step, k]),
                                                                  float(portable.margin_b[p.step, k])))
     if p is not None and (n is None or (p.step, _idx(ref, p)) <= (n.step, _idx(ref, n))):
-        holds["NUMERIC_DIVERGENCE"] = (p, "")
+        holds["NUMERIC_DIVERGENCE"] = p
     if n is not None and (p is None or (p.step, _idx(ref, p)) > (n.step, _idx(ref, n))):
-        holds["SAMPLER_DIVERGENCE"] = (n, "")
+        holds["SAMPLER_DIVERGENCE"] = n
     bitwise = (figures["forced_max_abs"] == 0.0 and ref.portable.digests == other.portable.digests
                and ref.native[0].digests == other.native[0].digests)
     if n is None and p is None:
-        holds["IDENTICAL" if bitwise else "NUMERIC_DRIFT"] = (None, "")
+        holds["IDENTICAL" if bitwise else "NUMERIC_DRIFT"] = None
     figures["within_tolerance"] = figures["forced_max_abs"] <= tolerance
     return _verdict(other.label, ref.label, holds, figures), drift
 
 
 def _idx(runs: BackendRuns, p: Point) -> int:
-    return runs.native[0].streams.index(p.stream) if runs.native else 0
+    return runs.native[0].streams.index(p.stream)
 
 
 def _point(d: dict | None) -> Point | None:
@@ -176,15 +176,15 @@ def _failure(ref: BackendRuns, other: BackendRuns) -> tuple[Point | None, str] |
 def _verdict(label: str, vs: str, holds: dict, figures: dict) -> dict:
     ordered = [v for v in VERDICTS if v in holds]
     verdict = ordered[0]
-    point, note = holds[verdict]
-    return {"backend": label, "vs": vs, "verdict": verdict,
-            "first_divergence": None if point is None else point.to_dict(),
-            "secondary": [{"verdict": v, "first_divergence": None if holds[v][0] is None else holds[v][0].to_dict()}
-                          for v in ordered[1:]],
-            "figures": figures, "note": note}
+    def where(point: Point | None) -> dict | None:
+        return None if point is None else point.to_dict()
+
+    return {"backend": label, "vs": vs, "verdict": verdict, "first_divergence": where(holds[verdict]),
+            "secondary": [{"verdict": v, "first_divergence": where(holds[v])} for v in ordered[1:]],
+            "figures": figures}
 
 
-def explain(v: dict, failure: str | None = None) -> str:
+def explain(v: dict) -> str:
     """One paragraph, with the numbers, that says why the verdict was reached."""
     f, who, ref = v["figures"], v["backend"], v["vs"]
     at = v["first_divergence"]
@@ -193,7 +193,7 @@ def explain(v: dict, failure: str | None = None) -> str:
     tol = f.get("tolerance", 0.0)
     name = v["verdict"]
     if name == "BACKEND_FAILED":
-        return (f"{who} could not complete its runs ({where}): {(failure or 'unknown error').rstrip('.')}. "
+        return (f"{who} could not complete its runs ({where}): {f.get('error', 'unknown error').rstrip('.')}. "
                 "Whatever steps it completed are kept in its traces; nothing else can be concluded for it.")
     forced = (f"Teacher-forced onto {ref}'s tokens, its logits differ by at most {f['forced_max_abs']:.3g} "
               f"over {f['steps']} steps (tolerance {tol:g}; its own run-to-run drift {f['run_to_run_drift']:.3g}).")

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import XBackendError
-from .metrics import (METRICS, StepMetrics, Summary, bitwise_equal_steps, drift_explains, first_token_divergence,
-                      step_metrics, summarize_metrics, tier_of, tolerance)
+from .metrics import (METRICS, StepMetrics, Summary, bitwise_equal_steps, drift_explains, finite_or_none,
+                      first_token_divergence, step_metrics, summarize_metrics, tier_of, tolerance)
 from .trace import Trace, load_trace
 
 SCHEMA = "xbackend.diff/1"
@@ -120,13 +120,9 @@ class Divergence:
 
     def to_dict(self) -> dict:
         return {"step": self.step, "stream": self.stream, "token_a": self.token_a, "token_b": self.token_b,
-                "max_abs": _clean(self.max_abs), "margin_a": _clean(self.margin_a),
-                "margin_b": _clean(self.margin_b), "explained": self.explained,
+                "max_abs": finite_or_none(self.max_abs), "margin_a": finite_or_none(self.margin_a),
+                "margin_b": finite_or_none(self.margin_b), "explained": self.explained,
                 "rule": "explained = 2 * max_abs >= min(margin_a, margin_b)"}
-
-
-def _clean(x) -> float | None:
-    return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,7 +171,7 @@ class DiffResult:
             "schema": SCHEMA, "a": self.a, "b": self.b, "backend_a": self.backend_a, "backend_b": self.backend_b,
             "mode_a": self.mode_a, "mode_b": self.mode_b, "steps_a": self.steps_a, "steps_b": self.steps_b,
             "steps_compared": self.steps_compared, "tier_a": self.tier_a, "tier_b": self.tier_b,
-            "tolerance": self.tolerance, "max_abs": _clean(self.max_abs), "within_tolerance": self.within_tolerance,
+            "tolerance": self.tolerance, "max_abs": finite_or_none(self.max_abs), "within_tolerance": self.within_tolerance,
             "streams": list(self.streams),
             "summaries": _summaries_dict(self.summaries),
             "summaries_before_divergence": (_summaries_dict(self.summaries_before_divergence)
@@ -189,7 +185,7 @@ class DiffResult:
         }
         if per_step and self.metrics is not None:
             m = self.metrics
-            out["per_step"] = {stream: {name: [_clean(v) if name != "top1" else bool(v)
+            out["per_step"] = {stream: {name: [finite_or_none(v) if name != "top1" else bool(v)
                                                for v in getattr(m, name)[:, i].tolist()] for name in METRICS}
                                for i, stream in enumerate(m.streams)}
         return out

@@ -168,8 +168,7 @@ def divergence(a: Trace, b: Trace, after: int = AFTER) -> dict:
         return out
     step, stream = found
     col = a.streams.index(stream)
-    delta = float(np.max(np.abs(np.asarray(a.logits(stream)[step], dtype=np.float64)
-                                - np.asarray(b.logits(stream)[step], dtype=np.float64))))
+    delta = metrics.max_abs_at(a, b, step, stream)
     out.update(first_divergence={"step": step, "stream": stream, "token_a": int(a.tokens[step, col]),
                                  "token_b": int(b.tokens[step, col]), "max_abs_there": delta},
                after={s: {"a": [int(x) for x in a.tokens[step:step + after, k]],

@@ -488,8 +488,9 @@ def step_metrics(a: Trace, b: Trace, *, steps: int | None = None, block: int = B
 # --------------------------------------------------------------------------- summaries
 
 
-def _clean(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
+def finite_or_none(x) -> float | None:
+    """A JSON-safe number: non-finite values (and None) become None."""
+    return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
 @dataclass(frozen=True)
@@ -512,7 +513,7 @@ class Summary:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = _clean(value) if isinstance(value, float) else value
+            out[f.name] = finite_or_none(value) if isinstance(value, float) else value
         return out
 
 
@@ -565,6 +566,12 @@ def same_input_drift(base: Trace, fresh: Trace) -> dict:
     step, col = np.unravel_index(int(np.argmax(d)), d.shape)
     return {"max_abs": float(d[step, col]), "at": {"step": int(step), "stream": base.streams[col]}, "steps": int(last),
             "token_divergence": None if until is None else {"step": until[0], "stream": until[1]}}
+
+
+def max_abs_at(a: Trace, b: Trace, step: int, stream: str) -> float:
+    """max |Δlogit| of one decision (step, stream), in float64."""
+    return float(np.max(np.abs(np.asarray(a.logits(stream)[step], dtype=np.float64)
+                               - np.asarray(b.logits(stream)[step], dtype=np.float64))))
 
 
 def bitwise_equal_steps(a: Trace, b: Trace) -> int | None:
