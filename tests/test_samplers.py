@@ -69,3 +69,45 @@ def test_parse_mode():
     for bad in ("random", "forced", "greedy:3"):
         with pytest.raises(XBackendError):
             parse_mode(bad)
+
+
+# --- the zero-probability check uses what upstream sampled from -----------------------------------
+
+def _underflowing(vocab: int = 64, gap: float = 80.0) -> np.ndarray:
+    """Text logits whose top-k (k=25) holds tokens ~114 tempered logits (temp 0.7) below the best."""
+    logits = np.full(vocab, -1000.0, dtype=np.float32)
+    logits[0] = 0.0
+    logits[1:25] = -gap
+    return logits
+
+
+def test_sampled_probs_is_float32_like_upstream():
+    """float64 keeps exp(-114) > 0; the float32 softmax moshi's sample_token draws from gives 0."""
+    from xbackend.samplers import sampled_probs
+
+    logits = _underflowing()
+    assert tempered_probs(logits, 0.7, 25)[1] > 0  # what the old float64 check saw
+    p = sampled_probs(logits, 0.7, 25)
+    assert p.dtype == np.float32 and p[1] == 0.0 and p[0] == 1.0
+    assert (p[25:] == 0).all()  # outside the top-k
+    torch = pytest.importorskip("torch")
+    upstream = torch.softmax(torch.from_numpy(logits) / 0.7, dim=-1).numpy()
+    np.testing.assert_array_equal(p[:25], upstream[:25])
+
+
+def test_native_pick_of_an_underflowed_top_k_token_fails():
+    from xbackend.backends.base import Job, StepRecorder
+    from xbackend.errors import BackendFailed
+
+    job = Job(model=None, user_codes=np.zeros((1, 1), np.int64), steps=1, seed=0, sampler=Sampler("native", 0))
+    rec = StepRecorder(job, ["text"])
+    rec.begin(0)
+    rec.take(_underflowing())
+    with pytest.raises(BackendFailed, match="zero probability"):
+        rec.native_token(1)  # inside the top 25, float32 probability exactly 0
+    rec.native_token(0)
+    rec.begin(1)
+    rec.take(np.linspace(-1, 1, 64, dtype=np.float32))
+    with pytest.raises(BackendFailed, match="zero probability"):
+        rec.native_token(63, prob=0.0)  # the device says it drew it with probability 0 (flush to zero)
+    rec.native_token(62, prob=0.02)

@@ -15,6 +15,9 @@ from xbackend.spec import BackendSpec, parse_spec, parse_specs
     ("mlx:q8", BackendSpec("mlx", quant="q8")),
     ("MLX:CPU:Q4", BackendSpec("mlx", device="cpu", quant="q4")),
     ("cuda:1:bf16", BackendSpec("cuda", device="1", dtype="bf16")),
+    ("mlx:gpu:bf16:q8", BackendSpec("mlx", device="gpu", dtype="bf16", quant="q8")),
+    ("mlx:bf16:q4", BackendSpec("mlx", dtype="bf16", quant="q4")),
+    ("mlx:cpu:q8", BackendSpec("mlx", device="cpu", quant="q8")),
 ])
 def test_parse(text, expected):
     spec = parse_spec(text)
@@ -28,7 +31,19 @@ def test_tier_is_quant_then_dtype():
     assert parse_spec("cpu").tier == "fp32"
 
 
-@pytest.mark.parametrize("bad", ["", ":", "cpu:", "cpu:fp8", "mlx:tpu", "a:b:c:d", "cpu:cpu:cpu"])
+def test_shipped_mlx_configuration_keeps_device_dtype_and_quant():
+    """moshi_mlx on Metal runs bf16 weights quantized to q8: not the same tier as fp32 + q8."""
+    import xbackend
+
+    spec = xbackend.parse_spec("mlx:gpu:bf16:q8")
+    assert (spec.device, spec.dtype, spec.quant) == ("gpu", "bf16", "q8")
+    assert str(spec) == "mlx:gpu:bf16:q8" and spec.tier == "q8"
+    assert str(parse_spec("mlx:bf16:q8")) == "mlx:bf16:q8" != str(parse_spec("mlx:q8"))
+    assert str(parse_spec("mlx:q8:bf16")) == "mlx:bf16:q8"  # one canonical label
+
+
+@pytest.mark.parametrize("bad", ["", ":", "cpu:", "cpu:fp8", "mlx:tpu", "a:b:c:d:e", "cpu:cpu:cpu", "mlx:gpu:q8:q4",
+                                 "mlx:fp16:bf16", "mlx:bf16:gpu"])
 def test_bad_specs_name_the_grammar(bad):
     with pytest.raises(XBackendError) as err:
         parse_spec(bad)

@@ -95,6 +95,28 @@ def tempered_probs(logits: np.ndarray, temp: float, top_k: int) -> np.ndarray:
     return p / p.sum()
 
 
+def sampled_probs(logits: np.ndarray, temp: float, top_k: int) -> np.ndarray:
+    """The float32 distribution PyTorch's `sample_token` draws from, zero outside the top k.
+
+    Upstream takes `softmax(logits.float() / temp)` over the whole vocabulary in float32, then
+    keeps the top k: a kept token whose tempered logit lies ~104 below the best has float32
+    probability exactly 0 (while float64 gives ~1e-45), and that is the token MPS's
+    `exponential_` returning -0.0 picks (pytorch#192577). Same dtype, same op order here.
+    """
+    z = np.asarray(logits, dtype=np.float32)
+    if temp <= 0:
+        p = np.zeros_like(z)
+        p[np.argmax(z)] = 1.0
+        return p
+    z = z / np.float32(temp)
+    e = np.exp(z - z.max())
+    p = e / e.sum(dtype=np.float32)
+    v = p.shape[-1]
+    k = v if top_k <= 0 else min(top_k, v)
+    kth = np.partition(p, v - k)[v - k]
+    return np.where(p >= kth, p, np.float32(0.0))
+
+
 @dataclass
 class Sampler:
     """Decides tokens for one run. `native` leaves decisions to the backend's own sampler."""

@@ -1,4 +1,8 @@
-"""Backend specs: `NAME[:DEVICE][:DTYPE or QUANT]` (SPEC §1), parsed into a frozen value."""
+"""Backend specs: `NAME[:DEVICE][:DTYPE][:QUANT]`, parsed into a frozen value.
+
+A quantized tier keeps its activation dtype: moshi_mlx ships bf16 weights quantized to q8/q4
+(`local.py` casts to bf16, then quantizes), which is not fp32 + q8, so both stay in the label.
+"""
 
 from __future__ import annotations
 
@@ -24,10 +28,10 @@ class BackendSpec:
         parts = [self.name]
         if self.device:
             parts.append(self.device)
+        if self.dtype != "fp32":
+            parts.append(self.dtype)
         if self.quant:
             parts.append(self.quant)
-        elif self.dtype != "fp32":
-            parts.append(self.dtype)
         return ":".join(parts)
 
     @property
@@ -40,30 +44,35 @@ def parse_spec(text: str) -> BackendSpec:
     """Parse a backend spec; raises `XBackendError` naming the grammar when it does not fit."""
     raw = text.strip()
     parts = [p.strip().lower() for p in raw.split(":")]
-    if not raw or not parts[0] or len(parts) > 3 or any(not p for p in parts):
+    if not raw or not parts[0] or len(parts) > 4 or any(not p for p in parts):
         raise XBackendError(
             f"Cannot read backend spec {text!r}",
-            asked="the grammar is NAME[:DEVICE][:DTYPE or QUANT], e.g. cpu, cpu:fp64, cuda:bf16, "
-            "mps:fp16, mlx, mlx:cpu, mlx:gpu:bf16, mlx:q8",
+            asked="the grammar is NAME[:DEVICE][:DTYPE][:QUANT], e.g. cpu, cpu:fp64, cuda:bf16, "
+            "mps:fp16, mlx, mlx:cpu, mlx:gpu:bf16, mlx:q8, mlx:gpu:bf16:q8",
             fix="run `xbackend backends` to list the backends of this machine",
         )
     name, rest = parts[0], parts[1:]
-    device, dtype, quant = None, "fp32", None
+    found: dict[str, str] = {}
     for i, part in enumerate(rest):
         if part in DTYPES:
-            dtype = part
+            kind = "dtype"
         elif part in QUANTS:
-            quant = part
+            kind = "quant"
         elif i == 0 and (part in DEVICES or part.isdigit()):
-            device = part
+            kind = "device"
         else:
             raise XBackendError(
                 f"Unknown part {part!r} in backend spec {text!r}",
                 asked=f"devices are {', '.join(DEVICES)} (or a CUDA index), dtypes "
                 f"{', '.join(DTYPES)}, quantized tiers {', '.join(QUANTS)}",
-                fix="write NAME[:DEVICE][:DTYPE or QUANT], e.g. mlx:cpu:bf16",
+                fix="write NAME[:DEVICE][:DTYPE][:QUANT], e.g. mlx:gpu:bf16:q8",
             )
-    return BackendSpec(name=name, device=device, dtype=dtype, quant=quant)
+        if kind in found:
+            raise XBackendError(f"Backend spec {text!r} names two {kind}s ({found[kind]} and {part})",
+                                fix="write NAME[:DEVICE][:DTYPE][:QUANT], each part at most once")
+        found[kind] = part
+    return BackendSpec(name=name, device=found.get("device"), dtype=found.get("dtype", "fp32"),
+                       quant=found.get("quant"))
 
 
 def parse_specs(text: str) -> list[BackendSpec]:

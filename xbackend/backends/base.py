@@ -17,7 +17,7 @@ import numpy as np
 from ..env import fingerprint
 from ..errors import BackendFailed
 from ..models import ModelRef
-from ..samplers import Sampler, tempered_probs
+from ..samplers import Sampler, sampled_probs
 from ..spec import BackendSpec
 
 LogitsHook = Callable[[int, int, str, np.ndarray], np.ndarray]
@@ -110,16 +110,23 @@ class StepRecorder:
         self._tokens.append(int(token))
         self._margins.append(float(margin))
 
-    def native_token(self, token: int) -> None:
-        """Record the library's own decision; a zero-probability pick is a backend failure."""
+    def native_token(self, token: int, prob: float | None = None) -> None:
+        """Record the library's own decision; a zero-probability pick is a backend failure.
+
+        `prob` is the probability of `token` as the library computed it on its device (PyTorch:
+        the float32 softmax `sample_token` drew from), when the backend has it; the host's
+        float32 replay of the same ops (and the top-k) is checked as well.
+        """
         stream = len(self._tokens)
         temp, top_k = self.sampler.settings.for_stream(stream)
         logits = self._logits[stream]
-        if not 0 <= token < logits.shape[-1] or tempered_probs(logits, temp, top_k)[token] == 0.0:
+        valid = 0 <= token < logits.shape[-1]
+        if not valid or sampled_probs(logits, temp, top_k)[token] == 0.0 or prob == 0.0:
             raise BackendFailed(
                 f"The native sampler picked token {token} of zero probability at step {self.step}, "
-                f"stream {self.streams[stream]} (top-k {top_k}, temperature {temp}). Note: PyTorch's "
-                "exponential_ returning 0 on MPS does exactly this (pytorch#192577, #159103)")
+                f"stream {self.streams[stream]} (top-k {top_k}, temperature {temp}, float32 softmax as "
+                "upstream samples from). Note: PyTorch's exponential_ returning 0 or -0.0 on MPS does "
+                "exactly this (pytorch#192577, #159103)")
         self._tokens.append(token)
         self._margins.append(math.nan)
 
@@ -162,6 +169,9 @@ class Backend:
 
     def seed_rng(self, seed: int) -> None:
         """Seed the library's own RNG (used by the native sampler)."""
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work, so that timings end when the work does (MPS, CUDA, MLX)."""
 
     def load(self, model: ModelRef) -> None:
         raise NotImplementedError

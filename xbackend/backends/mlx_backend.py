@@ -9,7 +9,10 @@ slice; the samplers handed to `LmGen` here are hooks that give each stream's log
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -28,6 +31,22 @@ BITS = {"q8": 8, "q4": 4}
 GROUP_SIZES = {"q8": 64, "q4": 32}  # moshi_mlx local.py: `32 if args.quantized == 4 else 64`
 MLX_GROUP_SIZES = (128, 64, 32)  # what mx.quantize supports
 INSTALL = "pip install mlx moshi_mlx" if sys.platform == "darwin" else "pip install 'mlx[cpu]' moshi_mlx"
+# Run in a fresh process: mlx 0.26's Metal `is_available()` is true whenever MLX was built with
+# Metal, and a process without GPU access (VM, sandbox, ssh session) aborts on the first GPU op.
+GPU_PROBE = """
+import json, mlx.core as mx
+mx.eval(mx.ones(1, stream=mx.gpu) + 1)
+info = {}
+for get in (getattr(mx, "device_info", None), getattr(getattr(mx, "metal", None), "device_info", None)):
+    try:
+        info = dict(get())
+        break
+    except Exception:
+        pass
+print(json.dumps({"device_name": str(info.get("device_name") or info.get("architecture") or "gpu")}))
+"""
+GPU_PROBE_TIMEOUT = 60.0
+_GPU_PROBES: dict[str, tuple[bool, str]] = {}
 
 
 class MlxBackend(Backend):
@@ -49,15 +68,29 @@ class MlxBackend(Backend):
         self.loaded: dict = {}  # what load() settled: origin of the weights, quantized layers
 
     def unavailable_reason(self) -> str | None:
+        if sys.platform == "darwin" and platform.machine() != "arm64":
+            return (f"MLX runs on Apple silicon only: this Mac is {platform.machine()}, for which MLX publishes "
+                    "no wheels (xbackend installs mlx and moshi_mlx on arm64 Macs only); use cpu here")
         try:
             import mlx.core as mx
             import moshi_mlx  # noqa: F401
         except ImportError as exc:
             return f"mlx or moshi_mlx is not installed ({exc.name}); install with `{INSTALL}`"
-        if self.spec.device == "gpu" and not mx.is_available(mx.gpu):
+        if not self._wants_gpu(mx):
+            return None
+        if not mx.is_available(mx.gpu):
             return (f"MLX has no GPU here (mx.metal.is_available() is {mx.metal.is_available()}: Metal needs "
                     "macOS on Apple silicon); use mlx:cpu here")
+        ok, said = gpu_probe()
+        if not ok:
+            which = "mlx:gpu" if self.spec.device == "gpu" else "mlx (MLX's default device is the GPU)"
+            return f"{which} does not run here: a GPU operation failed in a test process ({said}); use mlx:cpu here"
         return None
+
+    def _wants_gpu(self, mx) -> bool:
+        if self.spec.device is not None:
+            return self.spec.device == "gpu"
+        return mx.default_device().type == mx.gpu
 
     def _device(self):
         import mlx.core as mx
@@ -86,11 +119,8 @@ class MlxBackend(Backend):
         device = self._device()
         if device.type == mx.cpu:
             return "cpu"
-        try:
-            info = mx.metal.device_info()
-            return f"gpu ({info.get('device_name') or info.get('architecture')})"
-        except Exception:  # no Metal (e.g. MLX's CUDA backend): the generic name still says gpu
-            return "gpu"
+        ok, said = gpu_probe()
+        return f"gpu ({said})" if ok else "gpu"
 
     def env(self) -> dict:
         import mlx.core as mx
@@ -99,7 +129,7 @@ class MlxBackend(Backend):
         env["mlx_device"] = str(self._device())
         env["mlx_default_device"] = str(mx.default_device())
         env["metal_available"] = bool(mx.metal.is_available())
-        env["MLX_ENABLE_TF32"] = os.environ.get("MLX_ENABLE_TF32")
+        env["MLX_ENABLE_TF32"] = tf32_enabled()
         env["threads"] = os.cpu_count()  # MLX exposes no thread setting; its CPU kernels may use every core
         return env
 
@@ -108,7 +138,7 @@ class MlxBackend(Backend):
         if self.spec.quant:
             quant = {"bits": BITS[self.spec.quant], "group_size": GROUP_SIZES[self.spec.quant]}
         out = {"device": str(self._device()), "dtype": DTYPES[self.spec.dtype], "quant": quant,
-               "MLX_ENABLE_TF32": os.environ.get("MLX_ENABLE_TF32"), "weights": "pytorch"}
+               "MLX_ENABLE_TF32": tf32_enabled(), "weights": "pytorch"}
         out.update(self.loaded)
         return out
 
@@ -144,10 +174,12 @@ class MlxBackend(Backend):
                     self._load_pytorch(lm, cfg, model)
             except (ValueError, KeyError, IndexError) as exc:
                 raise _does_not_fit(model, exc) from None
-            lm.set_dtype(getattr(mx, DTYPES[self.spec.dtype]))
+            lm.set_dtype(getattr(mx, DTYPES[self.spec.dtype]))  # then quantize, as moshi_mlx local.py does
             if self.spec.quant and not model.quant:
                 self.loaded["quant"] = self._quantize(lm)
             mx.eval(lm.parameters())
+            self.loaded["loaded_on"] = str(mx.default_device())
+        self.loaded["device_memory_active_bytes"] = active_memory()
         self.lm = lm
 
     def _load_pytorch(self, lm, cfg, model: ModelRef) -> None:
@@ -241,12 +273,66 @@ class MlxBackend(Backend):
                 cache.reset()
             gen = LmGen(self.lm, max_steps=job.steps + 2, text_sampler=hooks.text, audio_sampler=hooks.audio)
             self.seed_rng(job.seed)
+            self.loaded["ran_on"] = str(mx.default_device())  # the stream every op of the run went to
             for t in range(job.steps):
                 frame = job.frame(t, self.consumes_late)
                 recorder.begin(t)
                 gen.step(mx.array(frame.astype(np.int32)).reshape(1, n_user))
                 hooks.flush()
                 on_step(recorder.finish(frame))
+
+
+    def synchronize(self) -> None:
+        import mlx.core as mx
+
+        mx.synchronize()
+
+
+def gpu_probe() -> tuple[bool, str]:
+    """(True, device name) when a GPU op really runs, else (False, what the test process said); cached."""
+    if sys.executable not in _GPU_PROBES:
+        try:
+            proc = subprocess.run([sys.executable, "-c", GPU_PROBE], capture_output=True, text=True,
+                                  timeout=GPU_PROBE_TIMEOUT)
+            if proc.returncode == 0:
+                result = (True, json.loads(proc.stdout.strip().splitlines()[-1])["device_name"])
+            else:
+                lines = [x.strip() for x in (proc.stderr or proc.stdout).splitlines() if x.strip()]
+                result = (False, f"exit code {proc.returncode}: {lines[-1][:300] if lines else 'no message'}")
+        except subprocess.TimeoutExpired:
+            result = (False, f"no answer in {GPU_PROBE_TIMEOUT:g} s")
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            result = (False, f"{type(exc).__name__}: {exc}")
+        _GPU_PROBES[sys.executable] = result
+    return _GPU_PROBES[sys.executable]
+
+
+def tf32_enabled() -> bool:
+    """MLX_ENABLE_TF32 as MLX reads it: `atoi` of the variable, on (1) when unset (mlx/utils.h)."""
+    raw = os.environ.get("MLX_ENABLE_TF32")
+    if raw is None:
+        return True
+    digits = raw.strip()
+    sign = -1 if digits.startswith("-") else 1
+    digits = digits.lstrip("+-")
+    number = ""
+    for c in digits:
+        if not c.isdigit():
+            break
+        number += c
+    return sign * int(number or 0) != 0
+
+
+def active_memory() -> int | None:
+    """Bytes MLX's allocator holds (on a Mac the Metal allocator also serves CPU streams)."""
+    import mlx.core as mx
+
+    for get in (getattr(mx, "get_active_memory", None), getattr(mx.metal, "get_active_memory", None)):
+        try:
+            return int(get())
+        except Exception:
+            continue
+    return None
 
 
 def _unsupported(config: dict) -> str | None:

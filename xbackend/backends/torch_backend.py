@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
+import sys
 from typing import Callable
 
 import numpy as np
 
-from ..errors import BackendFailed, XBackendError
+from ..errors import BackendFailed, BackendUnavailable, XBackendError
 from ..models import CodecRef, ModelRef
 from ..samplers import portable_uniforms
 from ..spec import BackendSpec
@@ -30,6 +32,12 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "flo
 COMPILE_ENV = "XBACKEND_TORCH_COMPILE"  # set to 1 to keep moshi's lazy torch.compile of rope/gating/norm
 CAPTURE_PATH_ENV = "XBACKEND_CAPTURE_PATH"  # host | device | auto (device unless a plugin hook or MPS)
 CAPTURE_PATHS = ("auto", "host", "device")
+# moshi's functions wrapped in `torch_compile_lazy`: which of them really got compiled is recorded.
+LAZY_COMPILED = (("moshi.modules.transformer", "_rms_norm"), ("moshi.modules.rope", "apply_rope"),
+                 ("moshi.modules.gating", "gating_forward_kernel"), ("moshi.utils.utils", "cross_entropy"))
+# Words of a state dict that does not fit its model (torch's load_state_dict): bad input, not a device failure.
+STATE_DICT_WORDS = ("Error(s) in loading state_dict", "size mismatch", "Missing key", "Unexpected key",
+                    "unexpected keyword argument", "missing 1 required", "required positional argument")
 
 
 class TorchBackend(Backend):
@@ -65,10 +73,31 @@ class TorchBackend(Backend):
             return f"PyTorch or moshi is not installed ({exc.name}); install with `pip install torch moshi`"
         if self.spec.name == "cuda" and not torch.cuda.is_available():
             return f"no CUDA device (torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'})"
-        if self.spec.name == "mps" and not torch.backends.mps.is_available():
-            built = torch.backends.mps.is_built()
-            return "MPS needs macOS on Apple silicon" + ("" if built else " and a torch built with MPS")
+        if self.spec.name == "mps":
+            return mps_unavailable(torch) or self._dtype_problem(torch)
         return None
+
+    def _dtype_problem(self, torch) -> str | None:
+        """Try the spec's dtype on the device: MPS bf16 needs macOS 14 and says so only when used."""
+        if self.spec.dtype == "fp32":
+            return None
+        try:
+            x = torch.ones(2, dtype=getattr(torch, DTYPES[self.spec.dtype]), device=self.device)
+            (x * x).sum().item()
+        except (RuntimeError, TypeError) as exc:
+            return f"{self.spec.dtype} does not run on {self.device} here ({_first_line(exc)})"
+        return None
+
+    def accelerator(self):
+        """The torch module that synchronizes this backend's device (`torch.mps`, `torch.cuda`), or None."""
+        import torch
+
+        return {"mps": getattr(torch, "mps", None), "cuda": torch.cuda}.get(self.spec.name)
+
+    def synchronize(self) -> None:
+        module = self.accelerator()
+        if module is not None:
+            module.synchronize()
 
     def device_name(self) -> str:
         import torch
@@ -94,10 +123,19 @@ class TorchBackend(Backend):
 
         path = self.capture_path()
         graphs = self.spec.name == "cuda" and path == "device" and _cuda_graphs_allowed()
-        out = {"cuda_graphs": graphs, "torch_compile": self.compile, "capture_path": path}
+        compiled = compiled_by_moshi() if self.compile else []
+        out = {"cuda_graphs": graphs, "torch_compile": bool(compiled), "torch_compile_requested": self.compile,
+               "torch_compiled": compiled, "capture_path": path}
+        if self.lm is not None:  # where the weights really are, not where they were asked to be
+            out["weights_device"] = str(next(self.lm.parameters()).device)
+            out["weights_dtype"] = str(next(self.lm.parameters()).dtype).replace("torch.", "")
         if self.spec.name == "cuda":
             out["allow_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
             out["allow_tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+        if self.spec.name == "mps":  # read by torch as "set to 1" (PyTorch's MPS environment variables)
+            out["mps_fast_math"] = os.environ.get("PYTORCH_MPS_FAST_MATH", "").strip() == "1"
+            out["mps_prefer_metal"] = os.environ.get("PYTORCH_MPS_PREFER_METAL", "").strip() == "1"
+            out["mps_fallback"] = os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK", "").strip() == "1"
         return out
 
     def seed_rng(self, seed: int) -> None:
@@ -117,11 +155,7 @@ class TorchBackend(Backend):
             self.lm = get_moshi_lm(model.weights, lm_kwargs=model.config, device=self.device,
                                    dtype=getattr(torch, DTYPES[self.spec.dtype]))
         except (RuntimeError, KeyError, TypeError, AssertionError) as exc:
-            lines = str(exc).strip().splitlines() or [type(exc).__name__]
-            detail = " ".join(line.strip() for line in lines[:3])[:400]
-            raise XBackendError(f"Checkpoint {model.weights} does not fit its config ({detail})",
-                                asked=f"model {model.name}, layout {model.layout}",
-                                fix="pass the config.json that belongs to these weights") from None
+            raise load_error(exc, model, self.spec, self.device) from None
 
     def capture_path(self) -> str:
         """Where decisions are taken: `device` (one host copy per step, CUDA graphs kept) or `host`.
@@ -174,7 +208,9 @@ class TorchBackend(Backend):
                 if recorder.on_logits is not None:
                     logits = torch.from_numpy(host).to(device=logits.device, dtype=logits.dtype).view_as(logits)
                 token = original(logits, use_sampling, temp, top_k, top_p)
-                recorder.native_token(int(token.reshape(-1)[0]))
+                pick = token.reshape(-1)[:1]
+                prob = _sampled_prob(torch, logits, pick, use_sampling, temp)
+                recorder.native_token(int(pick[0]), None if prob is None else float(prob[0]))
                 return token
             return torch.full(logits.shape[:-1], recorder.decide(), dtype=torch.long, device=logits.device)
 
@@ -256,6 +292,7 @@ class DeviceDecisions:
         self.logits = [packed[4 * offsets[k]:4 * offsets[k + 1]].view(torch.float32) for k in range(self.n)]
         self.margins = packed[logit_bytes:self.layout[2]].view(torch.float64)
         self.tokens = packed[self.layout[2]:].view(torch.int64)
+        self.margins.fill_(math.nan)
         self.rules, self.temps = [], []
         for k, v in enumerate(self.vocab):
             temp, top_k = job.sampler.settings.for_stream(k)
@@ -323,7 +360,11 @@ class DeviceDecisions:
         self.logits[k].copy_(x)
         if self.mode == "native":
             token = self.original(logits, use_sampling, temp, top_k, top_p)
-            self.tokens[k:k + 1].copy_(token.reshape(-1)[:1])
+            pick = token.reshape(-1)[:1]
+            self.tokens[k:k + 1].copy_(pick)
+            prob = _sampled_prob(torch, logits, pick, use_sampling, temp)
+            if prob is not None:  # the float32 probability upstream drew from, for the zero check
+                self.margins[k:k + 1].copy_(prob)
             return token
         rule = self.rules[k]
         if rule == "portable":
@@ -372,7 +413,8 @@ class DeviceDecisions:
         for k in range(self.n):
             recorder.take(floats[offsets[k]:offsets[k + 1]])
             if self.mode == "native":
-                recorder.native_token(int(tokens[k]))
+                prob = float(margins[k])
+                recorder.native_token(int(tokens[k]), None if math.isnan(prob) else prob)
             else:
                 recorder.decided(int(tokens[k]), float(margins[k]))
         on_step(recorder.finish(frame))
@@ -384,6 +426,88 @@ def _gap(torch, scores, token):
         return torch.full((1,), math.inf, dtype=torch.float64, device=scores.device)
     others = scores.scatter(0, token, -math.inf)
     return scores.gather(0, token) - others.max().view(1)
+
+
+def _sampled_prob(torch, logits, pick, use_sampling: bool, temp: float):
+    """Probability of the picked token in the distribution `sample_token` drew from, on the device.
+
+    The same op on the same tensor as upstream (`softmax(logits.float() / temp)`), so the same
+    bits, with the device's own underflow and flush-to-zero; None for a greedy decision.
+    """
+    if not use_sampling or temp <= 0:
+        return None
+    probs = torch.softmax(logits.float() / temp, dim=-1)
+    return probs.reshape(-1, probs.shape[-1])[0].gather(0, pick)
+
+
+def mps_unavailable(torch) -> str | None:
+    """Which condition for MPS fails here, in torch's and the OS's own terms, or None."""
+    if torch.backends.mps.is_available():
+        return None
+    machine, mac = platform.machine(), platform.mac_ver()[0]
+    facts = (f"torch {torch.__version__}: torch.backends.mps.is_built() {torch.backends.mps.is_built()}, "
+             f"is_available() False")
+    needs = "macOS 14" if _version(torch.__version__) >= (2, 9) else "macOS 13"  # pytorch#162921: 2.9+ needs Sonoma
+    if sys.platform != "darwin":
+        return f"MPS needs {needs} or newer on Apple silicon; this is {platform.system()} {machine} ({facts})"
+    if machine != "arm64":
+        return f"MPS needs Apple silicon; this Mac is {machine} ({facts})"
+    if not torch.backends.mps.is_built():
+        return f"this torch is built without MPS ({facts}); install the macOS arm64 wheel from PyPI"
+    if mac and _version(mac) < _version(needs.split()[1]):
+        return f"torch {torch.__version__} needs {needs} or newer for MPS; this is macOS {mac} ({facts})"
+    return (f"macOS {mac or '?'} on {machine} with an MPS build, yet no Metal device: a virtual machine, "
+            f"sandbox or remote session without GPU access ({facts})")
+
+
+def load_error(exc: Exception, model: ModelRef, spec: BackendSpec, device: str) -> XBackendError:
+    """A checkpoint that does not fit its config is bad input (exit 2); anything else the device
+    said while loading (out of memory, a dtype it lacks) is the backend failing (exit 3)."""
+    import torch
+
+    detail = _first_line(exc, lines=3)
+    oom = isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in str(exc).lower()
+    fits = isinstance(exc, (KeyError, AssertionError)) or any(w in str(exc) for w in STATE_DICT_WORDS)
+    if fits and not oom:
+        return XBackendError(f"Checkpoint {model.weights} does not fit its config ({detail})",
+                             asked=f"model {model.name}, layout {model.layout}",
+                             fix="pass the config.json that belongs to these weights")
+    error = BackendUnavailable if isinstance(exc, TypeError) else BackendFailed
+    return error(f"Backend {spec} failed to load model {model.name} onto {device} ({detail})",
+                 fix="free device memory or use a smaller dtype" if oom else
+                 "run `xbackend backends` to see what this device supports")
+
+
+def compiled_by_moshi() -> list[str]:
+    """moshi's lazily compiled functions that torch.compile really took in this process.
+
+    moshi compiles lazily, and only outside `no_compile()`, which its transformer layers enter
+    off CUDA: on MPS or the CPU most of the model runs eager even when compilation is on.
+    """
+    import importlib
+
+    done = []
+    for module, name in LAZY_COMPILED:
+        fn = getattr(importlib.import_module(module), name, None)
+        code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+        if code is None or not cells or "fun_compiled" not in code.co_freevars:
+            continue  # NO_TORCH_COMPILE at import: moshi left the function plain
+        if cells[code.co_freevars.index("fun_compiled")].cell_contents is not None:
+            done.append(name)
+    return done
+
+
+def _first_line(exc: Exception, lines: int = 1) -> str:
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    return " ".join(text[:lines])[:400]
+
+
+def _version(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split("+")[0].split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
 
 
 def _cuda_graphs_allowed() -> bool:
