@@ -19,15 +19,19 @@ needs_tiny = pytest.mark.skipif(not TINY.is_file(), reason="bundled tiny model n
 STEPS = 200
 
 
-def metal() -> bool:
+def gpu() -> bool:
+    """MLX has a GPU that really runs here (Metal on a Mac; MLX's CUDA backend counts too)."""
     if not HAVE_MLX:
         return False
     import mlx.core as mx
 
-    return mx.metal.is_available()
+    from xbackend.backends.mlx_backend import gpu_probe
+
+    return mx.is_available(mx.gpu) and gpu_probe()[0]
 
 
-needs_metal = pytest.mark.skipif(not metal(), reason="MLX has no Metal GPU here (macOS on Apple silicon only)")
+needs_gpu = pytest.mark.skipif(not gpu(), reason="MLX has no GPU here (Metal: macOS on Apple silicon)")
+GPU = "Device(gpu, 0)"
 
 
 def run(path, name, **kw):
@@ -91,6 +95,7 @@ def test_teacher_forced_matches_pytorch_cpu(cpu_native, mlx_forced):
     assert m["alignment"]["consumes_late"] is True
     assert m["effective"]["weights"] == "pytorch" and m["effective"]["device"] == "Device(cpu, 0)"
     assert m["effective"]["quant"] is None and m["env"]["mlx_device"] == "Device(cpu, 0)"
+    assert m["effective"]["ran_on"] == m["effective"]["loaded_on"] == "Device(cpu, 0)"
 
 
 @needs_mlx
@@ -155,9 +160,11 @@ def test_plugin_hook_feeds_the_native_sampler(work):
 
 @needs_mlx
 @needs_tiny
-@pytest.mark.parametrize("spec,bits,bound", [("mlx:q8", 8, 1.0), ("mlx:q4", 4, 10.0)])
+@pytest.mark.parametrize("spec,bits,bound", [("mlx:cpu:q8", 8, 1.0), ("mlx:cpu:q4", 4, 10.0)])
 def test_quantized_tiers_run_with_bounded_drift(work, cpu_native, mlx_forced, spec, bits, bound):
+    """Pinned to the CPU, where the bounds were measured (plain `mlx:q8` is the GPU on a Mac)."""
     q = run(work, spec.replace(":", "-"), backend=spec, steps=50, sampler=f"forced:{cpu_native.path}")
+    assert q.meta["effective"]["ran_on"] == "Device(cpu, 0)"
     quant = q.meta["effective"]["quant"]
     assert quant["bits"] == bits and quant["group_size"] == {8: 64, 4: 32}[bits]
     assert 0 < quant["quantized_weight_fraction"] <= 1
@@ -207,19 +214,19 @@ def test_mlx_native_quantized_checkpoint(work, cpu_native, tmp_path):
 
     from xbackend.backends import create_backend
 
-    backend = create_backend("mlx:q4")
+    backend = create_backend("mlx:cpu:q4")
     backend.load(resolve_model("tiny"))
     mx.save_safetensors(str(tmp_path / "model.q4.safetensors"), dict(tree_flatten(backend.lm.parameters())))
     (tmp_path / "config.json").write_text(json.dumps(resolve_model("tiny").config))
     native = resolve_model(str(tmp_path))
     assert (native.layout, native.quant) == ("mlx", "q4")
     forced = f"forced:{cpu_native.path}"
-    from_torch = run(work, "q4-torch", backend="mlx:q4", steps=10, sampler=forced)
-    from_file = run(work, "q4-native", backend="mlx:q4", model=str(tmp_path), steps=10, sampler=forced)
+    from_torch = run(work, "q4-torch", backend="mlx:cpu:q4", steps=10, sampler=forced)
+    from_file = run(work, "q4-native", backend="mlx:cpu:q4", model=str(tmp_path), steps=10, sampler=forced)
     assert from_file.digests == from_torch.digests
     assert from_file.meta["effective"]["weights"] == "mlx-native"
     assert from_file.meta["effective"]["quant"]["from"] == "checkpoint"
-    for spec in ("mlx:q8", "mlx:cpu"):
+    for spec in ("mlx:cpu:q8", "mlx:cpu"):
         assert_clean_error(run_cli("capture", "-b", spec, "--model", str(tmp_path), "--steps", "2",
                                    "-o", str(tmp_path / "t")), 2, "q4 checkpoint")
 
@@ -233,10 +240,56 @@ def test_unsupported_dtype_is_bad_input(tmp_path, spec):
 
 
 @needs_mlx
-@pytest.mark.skipif(metal(), reason="this machine has a Metal GPU")
+@pytest.mark.skipif(gpu(), reason="this machine has an MLX GPU")
 def test_gpu_without_metal_is_unavailable(tmp_path):
     proc = run_cli("capture", "-b", "mlx:gpu", "--steps", "2", "-o", str(tmp_path / "t"))
     assert_clean_error(proc, 3, "mlx:gpu is unavailable", "metal", "use mlx:cpu")
+
+
+@needs_mlx
+@pytest.mark.skipif(gpu(), reason="this machine has an MLX GPU")
+def test_gpu_is_probed_by_running_an_op_not_by_a_compile_time_flag(monkeypatch):
+    """mlx 0.26's Metal `is_available()` is true wherever MLX was built with Metal; a Mac process
+    without GPU access (VM, sandbox, ssh) aborts at the first GPU op. The availability check runs
+    one GPU op in a test process: here it fails for real, as it would there."""
+    import mlx.core as mx
+
+    from xbackend.backends import create_backend, mlx_backend
+
+    monkeypatch.setattr(mlx_backend, "_GPU_PROBES", {})
+    monkeypatch.setattr(mx, "is_available", lambda device: True)  # what a Mac build says, GPU or not
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    for spec, who in (("mlx:gpu", "mlx:gpu does not run here"), ("mlx", "MLX's default device is the GPU")):
+        reason = create_backend(spec).unavailable_reason()
+        assert reason and who in reason and "exit code" in reason and "use mlx:cpu" in reason, reason
+    assert create_backend("mlx:cpu").unavailable_reason() is None
+
+
+def test_tf32_is_recorded_as_mlx_reads_it(monkeypatch):
+    """MLX_ENABLE_TF32 defaults to on (mlx/utils.h: get_var("MLX_ENABLE_TF32", 1), read with atoi)."""
+    from xbackend.backends.mlx_backend import tf32_enabled
+
+    monkeypatch.delenv("MLX_ENABLE_TF32", raising=False)
+    assert tf32_enabled() is True
+    for raw, on in (("0", False), ("1", True), ("2", True), ("true", False), (" 1x", True), ("-0", False)):
+        monkeypatch.setenv("MLX_ENABLE_TF32", raw)
+        assert tf32_enabled() is on, raw
+    if HAVE_MLX:
+        from xbackend.backends import create_backend
+
+        monkeypatch.delenv("MLX_ENABLE_TF32")
+        assert create_backend("mlx:cpu").effective()["MLX_ENABLE_TF32"] is True
+
+
+def test_intel_mac_says_why_mlx_is_absent(monkeypatch):
+    import platform
+
+    from xbackend.backends import create_backend
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    reason = create_backend("mlx").unavailable_reason()
+    assert "Apple silicon only" in reason and "x86_64" in reason and "no wheels" in reason
 
 
 @needs_mlx
@@ -264,12 +317,41 @@ def test_missing_mlx_says_how_to_install(monkeypatch):
     assert "not installed" in reason and "pip install" in reason and "moshi_mlx" in reason
 
 
-# --- Metal ----------------------------------------------------------------------------------
+# --- the GPU (Metal on a Mac; MLX's CUDA backend where that is installed) ---------------------------
 
 @pytest.mark.mlx_gpu
-@needs_metal
+@needs_gpu
 @needs_tiny
 def test_gpu_teacher_forced_stays_close(work, cpu_native, mlx_forced):
-    gpu = run(work, "gpu", backend="mlx:gpu", steps=50, sampler=f"forced:{cpu_native.path}")
-    assert gpu.meta["effective"]["device"] == "Device(gpu, 0)"
-    assert step_drift(gpu, mlx_forced).max() < 1e-3
+    gpu_run = run(work, "gpu", backend="mlx:gpu", steps=50, sampler=f"forced:{cpu_native.path}")
+    e = gpu_run.meta["effective"]
+    assert e["device"] == e["loaded_on"] == e["ran_on"] == GPU
+    assert gpu_run.meta["env"]["device"].startswith("gpu (")
+    drift = step_drift(gpu_run, mlx_forced).max()
+    assert 0 < drift < 1e-2  # a run that silently stayed on the CPU gives exactly 0
+
+
+@pytest.mark.mlx_gpu
+@needs_gpu
+@needs_tiny
+@pytest.mark.parametrize("spec,bound", [("mlx:gpu:q8", 1.0), ("mlx:gpu:q4", 10.0), ("mlx:gpu:bf16", 2.0),
+                                        ("mlx:gpu:bf16:q8", 2.0)])
+def test_gpu_tiers_run_with_bounded_drift(work, cpu_native, mlx_forced, spec, bound):
+    """Quantized and bf16 GPU kernels, bounded like their CPU tiers (measured there). A GPU without
+    quantized kernels (MLX's CUDA backend 0.30) is unavailable for q8/q4, with the reason."""
+    from xbackend.backends import create_backend
+
+    reason = create_backend(spec).unavailable_reason()
+    if reason:
+        pytest.skip(f"{spec}: {reason}")
+    q = run(work, spec.replace(":", "-"), backend=spec, steps=50, sampler=f"forced:{cpu_native.path}")
+    assert q.meta["effective"]["ran_on"] == GPU and q.meta["backend"] == spec
+    assert 0 < step_drift(q, mlx_forced).max() < bound
+
+
+@pytest.mark.mlx_gpu
+@needs_gpu
+@needs_tiny
+def test_gpu_native_runs_complete_and_default_device_is_the_gpu(work):
+    a = run(work, "gpu-native", backend="mlx", steps=STEPS)
+    assert a.complete and a.meta["effective"]["ran_on"] == GPU and np.isnan(a.margins).all()

@@ -34,8 +34,11 @@ INSTALL = "pip install mlx moshi_mlx" if sys.platform == "darwin" else "pip inst
 # Run in a fresh process: mlx 0.26's Metal `is_available()` is true whenever MLX was built with
 # Metal, and a process without GPU access (VM, sandbox, ssh session) aborts on the first GPU op.
 GPU_PROBE = """
-import json, mlx.core as mx
+import json, sys, mlx.core as mx
 mx.eval(mx.ones(1, stream=mx.gpu) + 1)
+if "quantized" in sys.argv[1:]:  # e.g. MLX's CUDA backend 0.30 aborts: "QuantizedMatmul has no CUDA implementation"
+    q = mx.quantize(mx.ones((64, 64)), group_size=64, bits=8, stream=mx.gpu)
+    mx.eval(mx.quantized_matmul(mx.ones((1, 64)), *q, transpose=True, group_size=64, bits=8, stream=mx.gpu))
 info = {}
 for get in (getattr(mx, "device_info", None), getattr(getattr(mx, "metal", None), "device_info", None)):
     try:
@@ -43,10 +46,13 @@ for get in (getattr(mx, "device_info", None), getattr(getattr(mx, "metal", None)
         break
     except Exception:
         pass
-print(json.dumps({"device_name": str(info.get("device_name") or info.get("architecture") or "gpu")}))
+name = info.get("device_name") or info.get("architecture")
+if not name and getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
+    name = "MLX CUDA backend"
+print(json.dumps({"device_name": str(name or "gpu")}))
 """
 GPU_PROBE_TIMEOUT = 60.0
-_GPU_PROBES: dict[str, tuple[bool, str]] = {}
+_GPU_PROBES: dict[tuple[str, bool], tuple[bool, str]] = {}
 
 
 class MlxBackend(Backend):
@@ -79,11 +85,11 @@ class MlxBackend(Backend):
         if not self._wants_gpu(mx):
             return None
         if not mx.is_available(mx.gpu):
-            return (f"MLX has no GPU here (mx.metal.is_available() is {mx.metal.is_available()}: Metal needs "
+            return (f"MLX has no GPU here (mx.metal.is_available() is {_metal(mx)}: Metal needs "
                     "macOS on Apple silicon); use mlx:cpu here")
-        ok, said = gpu_probe()
+        ok, said = gpu_probe(quantized=self.spec.quant is not None)
         if not ok:
-            which = "mlx:gpu" if self.spec.device == "gpu" else "mlx (MLX's default device is the GPU)"
+            which = f"{self.spec}" if self.spec.device == "gpu" else f"{self.spec} (MLX's default device is the GPU)"
             return f"{which} does not run here: a GPU operation failed in a test process ({said}); use mlx:cpu here"
         return None
 
@@ -128,7 +134,7 @@ class MlxBackend(Backend):
         env = super().env()
         env["mlx_device"] = str(self._device())
         env["mlx_default_device"] = str(mx.default_device())
-        env["metal_available"] = bool(mx.metal.is_available())
+        env["metal_available"] = _metal(mx)
         env["MLX_ENABLE_TF32"] = tf32_enabled()
         env["threads"] = os.cpu_count()  # MLX exposes no thread setting; its CPU kernels may use every core
         return env
@@ -288,12 +294,14 @@ class MlxBackend(Backend):
         mx.synchronize()
 
 
-def gpu_probe() -> tuple[bool, str]:
-    """(True, device name) when a GPU op really runs, else (False, what the test process said); cached."""
-    if sys.executable not in _GPU_PROBES:
+def gpu_probe(quantized: bool = False) -> tuple[bool, str]:
+    """(True, device name) when a GPU op (and with `quantized`, a quantized matmul) really runs in a
+    fresh process, else (False, what that process said); cached per interpreter."""
+    key = (sys.executable, quantized)
+    if key not in _GPU_PROBES:
+        argv = [sys.executable, "-c", GPU_PROBE] + (["quantized"] if quantized else [])
         try:
-            proc = subprocess.run([sys.executable, "-c", GPU_PROBE], capture_output=True, text=True,
-                                  timeout=GPU_PROBE_TIMEOUT)
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=GPU_PROBE_TIMEOUT)
             if proc.returncode == 0:
                 result = (True, json.loads(proc.stdout.strip().splitlines()[-1])["device_name"])
             else:
@@ -303,8 +311,13 @@ def gpu_probe() -> tuple[bool, str]:
             result = (False, f"no answer in {GPU_PROBE_TIMEOUT:g} s")
         except (OSError, ValueError, KeyError, IndexError) as exc:
             result = (False, f"{type(exc).__name__}: {exc}")
-        _GPU_PROBES[sys.executable] = result
-    return _GPU_PROBES[sys.executable]
+        _GPU_PROBES[key] = result
+    return _GPU_PROBES[key]
+
+
+def _metal(mx) -> bool:
+    metal = getattr(mx, "metal", None)
+    return bool(metal is not None and metal.is_available())
 
 
 def tf32_enabled() -> bool:
@@ -327,7 +340,7 @@ def active_memory() -> int | None:
     """Bytes MLX's allocator holds (on a Mac the Metal allocator also serves CPU streams)."""
     import mlx.core as mx
 
-    for get in (getattr(mx, "get_active_memory", None), getattr(mx.metal, "get_active_memory", None)):
+    for get in (getattr(mx, "get_active_memory", None), getattr(getattr(mx, "metal", None), "get_active_memory", None)):
         try:
             return int(get())
         except Exception:
