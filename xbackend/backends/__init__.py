@@ -41,8 +41,8 @@ def _mlx(spec: BackendSpec) -> Backend:
 for _name in ("cpu", "cuda", "mps"):
     register_backend(_name, _torch)
 register_backend("mlx", _mlx)
-BUILTIN_SPECS = ("cpu", "cpu:fp64", "cuda", "cuda:bf16", "mps", "mps:fp16", "mlx", "mlx:cpu", "mlx:gpu",
-                 "mlx:gpu:bf16", "mlx:q8", "mlx:q4")
+BUILTIN_SPECS = ("cpu", "cpu:fp64", "cuda", "cuda:bf16", "mps", "mps:fp16", "mps:bf16", "mlx", "mlx:cpu", "mlx:gpu",
+                 "mlx:gpu:bf16", "mlx:gpu:bf16:q8", "mlx:q8", "mlx:q4")
 
 
 def load_entry_points() -> None:
