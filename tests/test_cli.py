@@ -18,11 +18,14 @@ def test_capture_writes_a_trace(tmp_path):
 
 
 def test_backends_table_lists_every_builtin():
-    proc = run_cli("backends")
+    proc = run_cli("backends", env={"COLUMNS": "300"})
     assert proc.returncode == 0, proc.stderr
-    for spec in ("cpu:fp64", "cuda", "mps", "mlx:cpu", "mlx:q4"):
+    for spec in ("cpu:fp64", "cuda", "mps", "mlx:cpu", "mlx:q4", "mlx:gpu:bf16:q8"):
         assert spec in proc.stdout
-    assert "MPS needs macOS" in proc.stdout
+    import sys
+
+    if sys.platform != "darwin":  # which condition failed, in torch's own terms
+        assert "MPS needs macOS 14 or newer on Apple silicon" in proc.stdout and "is_built() False" in proc.stdout
 
 
 @pytest.mark.parametrize("args,code,needles", [
