@@ -1,4 +1,4 @@
-"""Generated audio: undelay a trace's audio tokens and decode them with the reference codec."""
+"""Generated audio: undelay a trace's audio tokens and decode them with a codec (the reference by default)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .codecs import REFERENCE_CODEC
 from .errors import XBackendError
 from .models import ModelRef, tiny_codec
-from .prompt import SAMPLE_RATE
+from .codecs.base import SAMPLE_RATE
 from .trace import Trace
 
 
@@ -20,16 +21,17 @@ def generated_codes(model: ModelRef, trace: Trace) -> np.ndarray:
     return np.stack([tokens[d: d + frames, k] for k, d in enumerate(delays)]).astype(np.int64)
 
 
-def tokens_to_wav(model: ModelRef, trace: Trace, path: Path) -> Path:
+def tokens_to_wav(model: ModelRef, trace: Trace, path: Path, codec_spec: str = REFERENCE_CODEC) -> Path:
+    """Decode a trace's audio tokens with `codec_spec` (default: the reference codec) to a 16-bit WAV."""
     import soundfile as sf
 
-    from .backends.torch_backend import mimi_decode
+    from .codecs import decode_codes
 
     codec = model.codec or tiny_codec()
     codes = generated_codes(model, trace)
     if codes.max(initial=0) >= 2 ** 16:
         raise XBackendError("audio tokens out of range")
-    audio = mimi_decode(codec, codes)
+    audio = decode_codes(codec, codes, codec_spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), audio, SAMPLE_RATE, subtype="PCM_16")
     return path

@@ -204,6 +204,7 @@ def compare(
     temp_text: float = TEMP_TEXT, top_k_text: int = TOPK_TEXT, temp_audio: float = TEMP_AUDIO, top_k_audio: int = TOPK_AUDIO,
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Run directory to write."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json instead of the table."),
+    codec: str = typer.Option("torch:cpu", "--codec", help="Codec spec that decodes the generated audio (torch:cpu, mlx:cpu, candle, ...)."),
     plugin: Optional[List[Path]] = PluginOpt,
 ) -> None:
     """Run the diagnosis protocol on every backend and give one verdict per backend."""
@@ -214,7 +215,7 @@ def compare(
     req = CompareRequest(backends=tuple(backends.split(",")), model=model, model_config=model_config, prompt=prompt,
                          seed=seed, steps=steps, repeats=repeats, timeout=timeout, alignment=alignment,
                          settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio),
-                         plugins=tuple(str(p) for p in plugin or []))
+                         plugins=tuple(str(p) for p in plugin or []), codec=codec)
     progress, on_event = run_progress()
     with progress:
         report = run_compare(req, out, on_event, min_backends=2)
@@ -223,9 +224,53 @@ def compare(
     else:
         print_verdicts(report)
         t = report["timing"]
+        if report.get("codec"):
+            typer.echo(f"audio decoded with codec {report['codec']['spec']} into {out / 'audio'}")
         typer.echo(f"run directory: {out} (report.json, traces/, audio/); took {t['wall_s']:.1f} s, of which "
                    f"model steps {t['model_steps_s']:.1f} s and model loading {t['model_load_s']:.1f} s "
                    f"over {t['runs']} runs")
+    raise typer.Exit(exit_code(report))
+
+
+@app.command()
+@friendly
+def codec(
+    codecs: str = typer.Option("torch,mlx,candle", "--codecs", "-c",
+                               help="Comma-separated codec specs (torch, torch:mps, torch:cpu:fp64, mlx:cpu, mlx:gpu, candle, candle:fp16, ...); the first is the reference."),
+    codec_weights: Optional[str] = typer.Option(None, "--codec", help="Mimi weights: tiny (bundled, PyTorch only), a .safetensors file or directory, or hf://owner/repo."),
+    prompt: Optional[str] = typer.Option(None, help="WAV/FLAC audio (default: the bundled hello.wav)."),
+    codebooks: int = typer.Option(8, help="Codebooks to encode with (Moshi uses 8)."),
+    timeout: float = TIMEOUT_OPT,
+    out: Path = typer.Option(Path("runs/codec"), "--out", "-o", help="Run directory to write."),
+    json_out: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of the table."),
+    json_file: Optional[Path] = typer.Option(None, "--json-out", help="Also write report.json's content to this file."),
+    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help="Python file that registers codecs (xbackend.register_codec; repeatable)."),
+) -> None:
+    """The same audio through Mimi on PyTorch, MLX and candle: codes and decoded audio compared frame by frame."""
+    import json
+
+    from .codec_report import write_codec_report
+    from .codec_stage import CodecRequest, exit_code, run_codec_stage
+
+    req = CodecRequest(codecs=tuple(codecs.split(",")), codec=codec_weights, prompt=prompt, codebooks=codebooks,
+                       timeout=timeout, plugins=tuple(str(p) for p in plugin or []))
+    progress, on_event = run_progress()
+    with progress:
+        report = run_codec_stage(req, out, on_event)
+    files = write_codec_report(out)
+    if json_file:
+        json_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if json_out:
+        typer.echo(json.dumps(report, indent=2, default=str))
+    else:
+        from .codec_report import summary_lines
+
+        for line in summary_lines(report):
+            typer.echo(line)
+        typer.echo(f"run directory: {out} (report.json, report.md, plots/, audio/); took {report['timing']['wall_s']:.1f} s")
+    for c in report["codecs"]:
+        if c["status"] != "ok":
+            typer.echo(f"error: codec {c['name']} {c['status']}: {c['error']}", err=True)
     raise typer.Exit(exit_code(report))
 
 
@@ -321,9 +366,18 @@ def repeat(
 
 @app.command()
 @friendly
-def report(run_dir: Path = typer.Argument(..., help="Run directory written by `xbackend compare`.")) -> None:
+def report(run_dir: Path = typer.Argument(..., help="Run directory written by `xbackend compare` or `xbackend codec`.")) -> None:
     """Write report.md (for an upstream issue), drift plots and bundle.tar.gz into a run directory."""
+    from .codec_report import is_codec_run, write_codec_report
     from .report import write_report
+
+    if is_codec_run(run_dir):  # written by `xbackend codec`
+        made = write_codec_report(run_dir)
+        typer.echo(f"report: {made.markdown}")
+        for plot in made.plots:
+            typer.echo(f"plot: {plot}")
+        typer.echo(f"bundle: {made.bundle} ({made.bundle_bytes / 1e6:.2f} MB)")
+        return
 
     files = write_report(run_dir)
     typer.echo(f"report: {files.markdown}")

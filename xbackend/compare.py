@@ -19,7 +19,8 @@ from .capture import DEFAULT_SEED, CaptureRequest, check_request
 from .diagnose import BackendRuns, diagnose, explain, repeatability
 from .errors import BackendFailed, XBackendError
 from .metrics import tolerance
-from .models import resolve_model
+from .codecs import describe_codec
+from .models import resolve_model, tiny_codec
 from .prompt import load_prompt
 from .samplers import SamplingSettings
 from .spec import parse_specs
@@ -44,6 +45,7 @@ class CompareRequest:
     settings: SamplingSettings = field(default_factory=SamplingSettings)
     plugins: tuple[str, ...] = ()
     decode_audio: bool = True
+    codec: str = "torch:cpu"  # the codec spec that decodes each backend's audio tokens
 
 
 def safe_name(label: str) -> str:
@@ -118,6 +120,8 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
                           steps=req.steps, alignment=req.alignment, settings=req.settings)
     check_request(base)
     model = resolve_model(req.model, req.model_config)
+    if req.decode_audio and model.dep_q:
+        check_decoder(req.codec, model)
     out.mkdir(parents=True, exist_ok=True)
     prompt = load_prompt(req.prompt, model, req.steps)
     np.save(out / "prompt_codes.npy", prompt.codes)
@@ -151,7 +155,9 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
         entry["env"] = trace.meta.get("env") if trace is not None else None
     report = build_report(req, model, prompt, labels, backends, runs, out)
     if req.decode_audio:
-        report["audio"] = decode_audio(model, runs, out)
+        report["audio"] = decode_audio(model, runs, out, req.codec)
+        report["codec"] = {"spec": req.codec, "used_for": "decoding each backend's audio tokens to audio/*.wav",
+                           **describe_codec(model.codec or tiny_codec())}
     report["timing"] = timing(runs, time.perf_counter() - started)
     write_json_atomic(out / "report.json", report)
     return report
@@ -206,8 +212,18 @@ def build_report(req: CompareRequest, model, prompt, labels: list[str], backends
     }
 
 
-def decode_audio(model, runs: dict[str, BackendRuns], out: Path) -> dict:
-    """Each backend's first native run decoded to WAV by the reference codec."""
+def check_decoder(spec: str, model) -> None:
+    """Refuse, before any backend runs, a decoding codec that is unknown, missing or cannot load the model's Mimi."""
+    from .codecs import create_codec, require_codec
+    from .codecs.base import check_codebooks
+
+    ref = model.codec or tiny_codec()
+    codec = require_codec(create_codec(spec))
+    codec.check(ref, check_codebooks(ref, model.dep_q))
+
+
+def decode_audio(model, runs: dict[str, BackendRuns], out: Path, codec: str = "torch:cpu") -> dict:
+    """Each backend's first native run decoded to WAV by `codec` (a codec spec)."""
     from .audio import tokens_to_wav
 
     written = {}
@@ -215,7 +231,7 @@ def decode_audio(model, runs: dict[str, BackendRuns], out: Path) -> dict:
         if r.native and r.native[0].steps > max(model.delays) and model.dep_q:
             path = out / "audio" / f"{safe_name(label)}.wav"
             try:
-                tokens_to_wav(model, r.native[0], path)
+                tokens_to_wav(model, r.native[0], path, codec)
                 written[label] = str(path.relative_to(out))
             except XBackendError as exc:
                 written[label] = f"not decoded: {exc}"

@@ -243,12 +243,26 @@ def _local_codec(directory: Path) -> CodecRef | None:
     return None
 
 
+def hub_parts(name: str) -> tuple[str, str | None]:
+    """`hf://owner/repo[/file]` as (owner/repo, file or None)."""
+    parts = name.removeprefix("hf://").strip("/").split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        raise XBackendError(f"Cannot read hub reference {name!r}", fix="write hf://owner/repo, e.g. hf://kyutai/moshiko-pytorch-bf16")
+    return "/".join(parts[:2]), "/".join(parts[2:]) or None
+
+
+def hub_error(name: str, exc: Exception, option: str) -> XBackendError:
+    """What a failed hub download tells the user (huggingface_hub raises many types: offline, 404, auth)."""
+    return XBackendError(
+        f"Cannot fetch {name} from the Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+        asked="hf:// references are downloaded when asked for, which needs network access",
+        fix=f"connect to the network (or set HF_TOKEN for gated repos), or download the files and pass their local "
+            f"path with {option}")
+
+
 def _from_hub(name: str, config: str | None) -> ModelRef:
     """Download (only now, because the user asked) a PyTorch or MLX Moshi repo from the hub."""
-    parts = name.removeprefix("hf://").strip("/").split("/")
-    if len(parts) < 2:
-        raise XBackendError(f"Cannot read hub reference {name!r}", fix="write hf://owner/repo, e.g. hf://kyutai/moshiko-pytorch-bf16")
-    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    repo, filename = hub_parts(name)
     try:
         from huggingface_hub import hf_hub_download, list_repo_files
         files = list_repo_files(repo)
@@ -266,11 +280,7 @@ def _from_hub(name: str, config: str | None) -> ModelRef:
     except XBackendError:
         raise
     except Exception as exc:  # huggingface_hub raises many types: offline, 404, auth
-        raise XBackendError(
-            f"Cannot fetch {name} from the Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
-            asked="hf:// models are downloaded when asked for, which needs network access",
-            fix="connect to the network (or set HF_TOKEN for gated repos), or download the repository "
-                "and pass its local directory with --model") from None
+        raise hub_error(name, exc, "--model") from None
     config_dict = {k: v for k, v in raw.items() if k not in NON_LM_KEYS}
     layout, quant = detect_layout(weights)
     digest = hashlib.sha256((file_digest(weights) + json.dumps(config_dict, sort_keys=True)).encode()).hexdigest()[:16]

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .codecs.base import FRAME_SIZE, SAMPLE_RATE
 from .errors import XBackendError
 from .models import REFERENCE, ModelRef, tiny_codec
 
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920  # 80 ms at 24 kHz: one step
 DEFAULT_PROMPT = REFERENCE / "prompts" / "hello.wav"
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif")
 CODES_SUFFIXES = (".npy", ".safetensors")
@@ -126,9 +125,9 @@ def load_prompt(path: str | None, model: ModelRef, steps: int) -> Prompt:
         codec = model.codec or tiny_codec()
         padded = np.zeros(max(steps * FRAME_SIZE, audio.shape[0]), dtype=np.float32)
         padded[: audio.shape[0]] = audio
-        from .backends.torch_backend import mimi_encode
+        from .codecs import encode_prompt
 
-        codes = mimi_encode(codec, padded, model.n_user)
+        codes = encode_prompt(codec, padded, model.n_user)
         too_big = codes.max(initial=0) >= int(model.config["card"])
         if too_big:
             raise XBackendError(f"The codec gives codes up to {codes.max()}, beyond model {model.name}'s "

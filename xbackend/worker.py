@@ -74,10 +74,11 @@ def worker_main(job_file: str) -> int:
 
 
 def run_worker(job: dict, job_file: Path, timeout: float,
-               on_event: Callable[[dict], None] | None = None) -> list[RunOutcome]:
-    """Run `job` in a worker process; each run gets `timeout` seconds, after which the process is killed."""
+               on_event: Callable[[dict], None] | None = None, module: str = "xbackend.worker") -> list[RunOutcome]:
+    """Run `job` in a worker process (`python -m module JOBFILE`, speaking the events above); each run
+    gets `timeout` seconds, after which the process is killed."""
     job_file.write_text(json.dumps(job, indent=2))
-    proc = subprocess.Popen([sys.executable, "-m", "xbackend.worker", str(job_file)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", module, str(job_file)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     stderr: list[str] = []

@@ -1,4 +1,4 @@
-"""PyTorch backend (`moshi` package) for `cpu`, `cuda` and `mps`, plus the reference codec.
+"""PyTorch backend (`moshi` package) for `cpu`, `cuda` and `mps` (Mimi lives in `xbackend.codecs`).
 
 It drives upstream's own `moshi.models.lm.LMGen.step`, so users test what they ship; every
 sampling decision goes through `moshi.models.lm.sample_token`, which this module replaces for
@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import BackendFailed, BackendUnavailable, XBackendError
-from ..models import CodecRef, ModelRef
+from ..models import ModelRef
 from ..samplers import portable_uniforms
 from ..spec import BackendSpec
 from .base import Backend, Job, StepRecord, StepRecorder
@@ -514,28 +514,3 @@ def _cuda_graphs_allowed() -> bool:
     """Upstream's own switch (moshi.utils.compile): NO_CUDA_GRAPH set to anything but 0/no/n turns them off."""
     return os.environ.get("NO_CUDA_GRAPH", "").lower() in ("0", "no", "n", "")
 
-
-def _mimi(codec: CodecRef, n_codebooks: int):
-    from moshi.models.loaders import get_mimi
-
-    return get_mimi(codec.weights, codec.config, device="cpu", num_codebooks=n_codebooks)
-
-
-def mimi_encode(codec: CodecRef, audio: np.ndarray, n_codebooks: int) -> np.ndarray:
-    """Encode 24 kHz mono audio to codes `[n_codebooks, frames]` with the reference codec (CPU, fp32)."""
-    import torch
-
-    mimi = _mimi(codec, n_codebooks)
-    with torch.no_grad():
-        codes = mimi.encode(torch.from_numpy(audio).float().view(1, 1, -1))
-    return codes[0].cpu().numpy().astype(np.int64)
-
-
-def mimi_decode(codec: CodecRef, codes: np.ndarray) -> np.ndarray:
-    """Decode codes `[n_codebooks, frames]` to 24 kHz mono float32 audio."""
-    import torch
-
-    mimi = _mimi(codec, codes.shape[0])
-    with torch.no_grad():
-        audio = mimi.decode(torch.from_numpy(np.ascontiguousarray(codes)).long()[None])
-    return audio[0, 0].cpu().numpy().astype(np.float32)
