@@ -11,7 +11,6 @@ carry the 12.5 Hz latent. `mlx` is imported only here.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +23,6 @@ from ..spec import BackendSpec
 from .base import FRAME_SIZE, Codec, CodecInfo
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-INSTALL = "pip install mlx moshi_mlx" if sys.platform == "darwin" else "pip install 'mlx[cpu]' moshi_mlx"
 
 
 class MlxCodec(Codec):
@@ -46,14 +44,10 @@ class MlxCodec(Codec):
         self._frames = range(0)
 
     def unavailable_reason(self) -> str | None:
-        try:
-            import mlx.core as mx
-            import moshi_mlx  # noqa: F401
-        except ImportError as exc:
-            return f"mlx or moshi_mlx is not installed ({exc.name}); install with `{INSTALL}`"
-        if self.spec.device == "gpu" and not mx.is_available(mx.gpu):
-            return "MLX has no GPU here (Metal needs macOS on Apple silicon); use mlx:cpu"
-        return None
+        """The MLX backend's own rule (Apple silicon, installed packages, a GPU that really runs)."""
+        from ..backends.mlx_backend import MlxBackend
+
+        return MlxBackend(BackendSpec("mlx", self.spec.device)).unavailable_reason()
 
     def device_name(self) -> str:
         import mlx.core as mx

@@ -53,8 +53,10 @@ class TorchCodec(Codec):
             return f"PyTorch or moshi is not installed ({exc.name}); install with `pip install torch moshi`"
         if self.device == "cuda" and not torch.cuda.is_available():
             return "no CUDA device"
-        if self.device == "mps" and not torch.backends.mps.is_available():
-            return "MPS needs macOS on Apple silicon"
+        if self.device == "mps":
+            from ..backends.torch_backend import mps_unavailable
+
+            return mps_unavailable(torch)
         return None
 
     def device_name(self) -> str:
