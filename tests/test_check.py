@@ -13,10 +13,9 @@ from xbackend.metrics import same_input_drift
 from xbackend.errors import XBackendError
 from xbackend.synthetic import synthetic_trace
 
-from .conftest import ROOT, assert_clean_error, have, needs_tiny, run_cli
+from .helpers import ROOT, assert_clean_error, needs_mlx, needs_tiny, run_cli
 
 BASELINE = ROOT / "reference" / "baselines" / "tiny-cpu-mlx"
-needs_mlx = pytest.mark.skipif(not have("mlx") or not have("moshi_mlx"), reason="MLX not installed")
 
 PERTURB = """
 import numpy as np
@@ -35,7 +34,7 @@ def cases(xml: str) -> dict[tuple[str, str], ET.Element]:
 @needs_mlx
 def test_committed_baseline_passes(tmp_path):
     proc = run_cli("check", "--baseline", str(BASELINE), "--junit", str(tmp_path / "j.xml"),
-                   "--json", str(tmp_path / "r.json"))
+                   "--json-out", str(tmp_path / "r.json"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["schema"] == "xbackend.check/1" and result["passed"] and result["counts"]["fail"] == 0

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from .conftest import assert_clean_error, needs_tiny, run_cli
+from .helpers import assert_clean_error, needs_tiny, run_cli
 
 pytestmark = needs_tiny
 
@@ -146,3 +146,79 @@ def test_diff_of_a_trace_with_no_complete_step(tmp_path):
     shutil.copytree(a, b)
     (b / "digests.txt").write_text("")
     assert_clean_error(run_cli("diff", str(a), str(b)), 2, "no complete step")
+
+
+# --- one surface for every command ---------------------------------------------------------------
+
+COMMANDS = (["backends"], ["capture"], ["compare"], ["diff"], ["repeat"], ["report"], ["check"], ["inspect"],
+            ["baseline", "create"])
+
+
+def test_version():
+    from xbackend import __version__
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"xbackend {__version__}"
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_help_shows_no_python_types(command):
+    proc = run_cli(*command, "--help", env={"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    for hint in ("<bool>", "<path>", "<str>", "<int>", "<float>", "list[", "{"):
+        assert hint not in proc.stdout, (hint, proc.stdout)
+    assert f"Usage: python -m xbackend {' '.join(command)} [OPTIONS]" in proc.stdout
+
+
+def test_usage_names_the_arguments():
+    def usage(*command):
+        lines = run_cli(*command, "--help", env={"COLUMNS": "200"}).stdout.splitlines()
+        return next(line.strip() for line in lines if "Usage:" in line)
+
+    assert usage("diff") == "Usage: python -m xbackend diff [OPTIONS] TRACE_A TRACE_B"
+    assert usage("inspect") == "Usage: python -m xbackend inspect [OPTIONS] TRACE"
+    assert usage("report") == "Usage: python -m xbackend report [OPTIONS] RUN_DIR"
+
+
+SETTINGS = ["--temp-text", "0.5", "--top-k-text", "7", "--temp-audio", "1.1", "--top-k-audio", "9"]
+ASKED = {"temp_text": 0.5, "top_k_text": 7, "temp_audio": 1.1, "top_k_audio": 9}
+
+
+def json_both(tmp_path, *args) -> dict:
+    """Run a command with --json and --json-out: stdout and the file must hold the same JSON."""
+    file = tmp_path / f"{args[0]}.json"
+    proc = run_cli(*args, "--json", "--json-out", str(file))
+    assert proc.returncode in (0, 1), proc.stderr
+    data = json.loads(proc.stdout)
+    assert json.loads(file.read_text()) == data
+    return data
+
+
+def test_json_on_stdout_and_in_a_file_and_sampling_options_everywhere(tmp_path):
+    t = tmp_path / "t"
+    got = json_both(tmp_path, "capture", "--steps", "3", "--sampler", "portable", *SETTINGS, "--out", str(t))
+    assert got["steps"] == 3 and got["trace"] == str(t) and got["settings"] == ASKED
+    assert json.loads((t / "meta.json").read_text())["settings"] == ASKED
+    assert json_both(tmp_path, "diff", str(t), str(t))["tokens_identical"] is True
+    assert json_both(tmp_path, "inspect", str(t))["steps"] == 3
+    rows = json_both(tmp_path, "backends")["backends"]
+    assert {r["spec"]: r["extra"] for r in rows}["mlx:q4"] == "mlx" and rows[0]["extra"] == "torch"
+    rep = json_both(tmp_path, "repeat", "--runs", "2", "--steps", "3", *SETTINGS, "--out", str(tmp_path / "r"))
+    assert rep["runs"] == 2 and rep["tokens_identical"]
+    for i in range(2):
+        assert json.loads((tmp_path / "r" / "traces" / f"run-{i}" / "meta.json").read_text())["settings"] == ASKED
+
+
+def test_json_out_keeps_the_text_output(tmp_path):
+    t = tmp_path / "t"
+    proc = run_cli("capture", "--steps", "2", "--out", str(t), "--json-out", str(tmp_path / "c.json"))
+    assert proc.returncode == 0 and "2 steps of cpu (native)" in proc.stdout
+    assert json.loads((tmp_path / "c.json").read_text())["steps"] == 2
+
+
+def test_reusing_an_out_directory_leaves_no_stale_runs(tmp_path):
+    out = tmp_path / "r"
+    assert run_cli("repeat", "--runs", "3", "--steps", "2", "--out", str(out)).returncode == 0
+    (out / "traces" / "notes.txt").write_text("mine")
+    assert run_cli("repeat", "--runs", "2", "--steps", "2", "--out", str(out)).returncode == 0
+    assert sorted(p.name for p in (out / "traces").iterdir()) == ["notes.txt", "run-0", "run-1"]

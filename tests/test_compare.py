@@ -14,7 +14,7 @@ import pytest
 from xbackend.compare import CompareRequest, exit_code, run_compare
 from xbackend.trace import load_trace
 
-from .conftest import have, needs_tiny, run_cli
+from .helpers import needs_mlx, needs_tiny, run_cli
 
 pytestmark = needs_tiny
 STEPS = 12
@@ -144,7 +144,7 @@ def test_unseeded_native_sampler(tmp_path):
     assert v["first_divergence"] == {"step": int(step), "stream": runs[0].streams[stream]}
 
 
-@pytest.mark.skipif(not have("mlx"), reason="MLX not installed")
+@needs_mlx
 def test_cpu_against_mlx_is_sampler_divergence(tmp_path):
     report, v = compare(tmp_path, ["cpu", "mlx:cpu"], steps=20)
     assert v["verdict"] == "SAMPLER_DIVERGENCE"
@@ -160,7 +160,7 @@ def test_different_weights_are_a_semantic_mismatch(tmp_path):
     assert v["first_divergence"] == {"step": 0, "stream": "text"}
 
 
-@pytest.mark.skipif(not have("mlx"), reason="MLX not installed")
+@needs_mlx
 def test_upstream_alignment_is_a_semantic_mismatch(tmp_path):
     report, v = compare(tmp_path, ["cpu", "mlx:cpu"], alignment="upstream")
     assert v["verdict"] == "SEMANTIC_MISMATCH"

@@ -7,20 +7,27 @@ import xbackend
 from xbackend import BackendUnavailable, CaptureRequest, capture, create_backend
 from xbackend.backends import BUILTIN_SPECS
 from xbackend.models import resolve_model
+from xbackend.prompt import load_prompt
 from xbackend.trace import step_digest
 
-from .conftest import needs_tiny
+from .helpers import needs_tiny, registry_scope
 
 pytestmark = needs_tiny
 
-# A plugin registered through the same public hook third parties use.
-xbackend.register_backend("contract-identity", xbackend.wrap_backend("cpu", on_logits=lambda run, step, stream, x: x))
 SPECS = list(BUILTIN_SPECS) + ["contract-identity"]
 STEPS = 6
 
 
+@pytest.fixture(scope="module", autouse=True)
+def plugin():
+    """A plugin registered through the same public hook third parties use, for this module only."""
+    with registry_scope():
+        xbackend.register_backend("contract-identity", xbackend.wrap_backend("cpu", on_logits=lambda run, step, stream, x: x))
+        yield
+
+
 @pytest.fixture(scope="module", params=SPECS)
-def greedy_run(request, tmp_path_factory):
+def greedy_run(request, tmp_path_factory, plugin):
     spec = request.param
     reason = create_backend(spec).unavailable_reason()
     if reason:
@@ -59,15 +66,21 @@ def test_metadata_is_self_describing(greedy_run):
 
 
 def test_same_model_input_at_every_step(greedy_run):
-    """Whatever the library's step API, the model sees prompt frame t-1 at step t (SPEC §2.1)."""
+    """Whatever the library's step API, the model sees prompt frame t-1 at step t (docs/design.md,
+    Same input): a library that consumes a frame in the step it is passed gets frame t-1 at step t,
+    one that consumes it a step later gets frame t; before frame 0 a filler the model never reads."""
     spec, _, tr = greedy_run
+    model = resolve_model("tiny")
+    prompt = load_prompt(None, model, STEPS)
+    assert tr.meta["prompt"]["digest"] == prompt.digest  # the codes below are the ones this run received
     late = tr.meta["alignment"]["consumes_late"]
-    codes = np.asarray(tr.inputs)
-    shift = 0 if late else 1  # what was passed at step t
-    passed_frame = np.arange(tr.steps) - shift
-    assert passed_frame[-1] == tr.steps - 1 - shift
-    if not late:
-        assert (codes[0] == 0).all()  # the filler frame PyTorch reads never
+    assert late == (spec.split(":")[0] == "mlx")  # moshi_mlx's LmGen reads the frame one step later
+    passed = np.asarray(tr.inputs)
+    assert passed.shape == (STEPS, model.n_user)
+    for t in range(STEPS):
+        frame = t if late else t - 1
+        want = prompt.codes[:, frame] if frame >= 0 else np.zeros(model.n_user)
+        assert np.array_equal(passed[t], want), (spec, t)
 
 
 def test_forcing_its_own_tokens_reproduces_them(greedy_run):

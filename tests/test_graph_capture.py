@@ -11,7 +11,8 @@ from xbackend import (BackendFailed, CaptureRequest, SamplingSettings, XBackendE
                       parse_spec)
 from xbackend.backends.torch_backend import CAPTURE_PATH_ENV, TorchBackend
 
-from .conftest import needs_tiny
+from .helpers import needs_tiny
+from .helpers import run as run_any
 
 pytestmark = needs_tiny
 
@@ -21,9 +22,10 @@ MODES = ("native", "portable", "greedy", "forced")
 ODD = SamplingSettings(temp_text=0.0, top_k_text=0, temp_audio=1.3, top_k_audio=5000)
 
 
-def run(tmp_path, name, path, monkeypatch, backend="cpu", **kw):
+def run(tmp_path, name, path, monkeypatch, **kw):
+    """A capture on one PyTorch capture path (host or device)."""
     monkeypatch.setenv(CAPTURE_PATH_ENV, path)
-    return capture(CaptureRequest(backend=backend, **kw), tmp_path / name)
+    return run_any(tmp_path, name, **kw)
 
 
 def assert_same_trace(a, b):
@@ -72,11 +74,9 @@ def test_device_path_is_the_default_without_plugins(tmp_path, monkeypatch):
         create_backend("cpu").capture_path()
 
 
-def test_nan_fails_at_the_same_place_on_both_paths(tmp_path, monkeypatch):
+def test_nan_fails_at_the_same_place_on_both_paths(tmp_path, monkeypatch, registry):
     """A NaN logit is caught after the one copy, at the same step and stream as on the host path."""
     import torch
-
-    from xbackend.backends import _FACTORIES
 
     class Poisoned(TorchBackend):
         def load(self, model):
@@ -84,7 +84,7 @@ def test_nan_fails_at_the_same_place_on_both_paths(tmp_path, monkeypatch):
             with torch.no_grad():
                 self.lm.linears[2].weight[7] = float("nan")  # audio2's logit 7
 
-    monkeypatch.setitem(_FACTORIES, "poisoned", lambda spec: Poisoned(parse_spec("cpu")))
+    xbackend.register_backend("poisoned", lambda spec: Poisoned(parse_spec("cpu")))
     for path in ("host", "device"):
         monkeypatch.setenv(CAPTURE_PATH_ENV, path)
         with pytest.raises(BackendFailed, match="NaN/Inf logits at step 0, stream audio2"):

@@ -9,7 +9,7 @@ from xbackend.inspection import (Loop, TokenRun, divergence, entropy, find_loop,
                                  padding_id)
 from xbackend.synthetic import default_meta, synthetic_trace
 
-from .conftest import assert_clean_error, run_cli
+from .helpers import assert_clean_error, run_cli
 
 VOCAB = (320,) + (256,) * 8  # the bundled tiny model's streams
 LOOP = (101, 57, 230)  # one period of the planted loop

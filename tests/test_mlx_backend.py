@@ -1,5 +1,6 @@
 """The MLX backend (moshi_mlx) against the PyTorch CPU reference on the bundled tiny model."""
 
+import functools
 import json
 import sys
 
@@ -10,13 +11,12 @@ import xbackend
 from xbackend import CaptureRequest, XBackendError, capture, register_backend, wrap_backend
 from xbackend.models import resolve_model, to_published_layout
 
-from .conftest import TINY, assert_clean_error, have, run_cli
+from .helpers import HAVE_MLX, assert_clean_error, needs_mlx, needs_tiny, run_cli
+from .helpers import run as run_any
 
 pytestmark = pytest.mark.mlx
-HAVE_MLX = have("mlx") and have("moshi_mlx")
-needs_mlx = pytest.mark.skipif(not HAVE_MLX, reason="mlx or moshi_mlx not installed (pip install 'mlx[cpu]' moshi_mlx)")
-needs_tiny = pytest.mark.skipif(not TINY.is_file(), reason="bundled tiny model not built (run scripts/make_tiny.py)")
 STEPS = 200
+run = functools.partial(run_any, backend="mlx:cpu")
 
 
 def gpu() -> bool:
@@ -32,11 +32,6 @@ def gpu() -> bool:
 
 needs_gpu = pytest.mark.skipif(not gpu(), reason="MLX has no GPU here (Metal: macOS on Apple silicon)")
 GPU = "Device(gpu, 0)"
-
-
-def run(path, name, **kw):
-    kw.setdefault("backend", "mlx:cpu")
-    return capture(CaptureRequest(**kw), path / name)
 
 
 def step_drift(a, b) -> np.ndarray:
@@ -137,7 +132,7 @@ def test_native_sampler_is_repeatable_and_not_pytorchs(work, cpu_native):
 
 @needs_mlx
 @needs_tiny
-def test_plugin_hook_feeds_the_native_sampler(work):
+def test_plugin_hook_feeds_the_native_sampler(work, registry):
     """With a hook the native sampler runs per stream on the hooked logits; an identity hook
     must give exactly what the deferred (one evaluation per step) path gives."""
     register_backend("mlx-identity", wrap_backend("mlx:cpu", lambda run_, step, stream, x: x))

@@ -7,7 +7,7 @@ import pytest
 import xbackend
 from xbackend import CaptureRequest, capture, create_backend
 
-from .conftest import needs_tiny
+from .helpers import needs_tiny
 
 REASON = create_backend("mps").unavailable_reason()
 pytestmark = [needs_tiny, pytest.mark.mps, pytest.mark.skipif(REASON is not None, reason=f"mps: {REASON}")]

@@ -12,7 +12,7 @@ from xbackend.report import BUNDLE_LIMIT, TOP, WINDOW, load_run, softmax, write_
 from xbackend.synthetic import MOSHI_7B_VOCAB, default_meta, synthetic_trace
 from xbackend.trace import load_trace
 
-from .conftest import assert_clean_error, needs_tiny, run_cli
+from .helpers import assert_clean_error, needs_tiny, registry_scope, run_cli, synthetic_run
 
 FLIP = """
 import numpy as np
@@ -46,7 +46,8 @@ def flip_run(tmp_path_factory):
     plugin = tmp / "plugin_flip.py"
     plugin.write_text(textwrap.dedent(FLIP))
     req = CompareRequest(backends=("cpu", "flip"), steps=10, plugins=(str(plugin),), decode_audio=False)
-    run_compare(req, tmp / "run")
+    with registry_scope():  # the plugin registers "flip" in this process too
+        run_compare(req, tmp / "run")
     return tmp / "run"
 
 
@@ -91,59 +92,8 @@ def test_report_cli_writes_the_page_the_plot_and_the_bundle(flip_run, tmp_path):
         assert trimmed.digests == original.digests[:10]
 
 
-def fake_env(name: str) -> dict:
-    return {"os": "macOS 15.1", "chip": "Apple M3 Max", "machine": "arm64", "python": "3.12.4", "device": name,
-            "dtype": "fp32", "threads": 8, "versions": {"torch": "2.5.1", "mlx": "0.21.0", "numpy": "2.1.0"},
-            "env": {"NO_TORCH_COMPILE": "1"}}
-
-
-def seven_b_run(root, steps: int = 100):
-    """A 7B-vocabulary run directory: three backends, two divergences, a hand-built report.json."""
-    def spike(at_step, at_stream, token):
-        def edit(step, stream, z):
-            if step == at_step and stream == at_stream:
-                z[token] = z.max() + 50.0
-            return z
-        return edit
-
-    traces = {
-        ("cpu", "native-0"): {}, ("cpu", "portable"): {},
-        ("mps", "native-0"): {"noise": 1e-3}, ("mps", "forced"): {"noise": 1e-3},
-        ("mps", "portable"): {"noise": 1e-3, "edit": spike(30, 1, 7)},
-        ("mlx", "native-0"): {"noise": 2e-3, "edit": spike(80, 0, 11)}, ("mlx", "forced"): {"noise": 2e-3},
-        ("mlx", "portable"): {"noise": 2e-3},
-    }
-    for i, ((label, run), kw) in enumerate(traces.items()):
-        synthetic_trace(root / "traces" / label / run, steps=steps, seed=1, noise_seed=10 + i,
-                        meta=default_meta(backend=label), **kw)
-    verdict = {"vs": "cpu", "secondary": [], "note": "", "explanation": "planted"}
-    figures = {"tolerance": 1e-3, "forced_max_abs": 0.004, "run_to_run_drift": 0.0, "steps": steps}
-    report = {
-        "schema": "xbackend.report/1", "created": "2025-01-01T00:00:00+00:00",
-        "command": "xbackend compare --backends cpu,mps,mlx --steps 100",
-        "request": {"backends": ["cpu", "mps", "mlx"], "model": "moshiko-7b", "model_digest": "0123456789abcdef",
-                    "prompt": {"source": "hello.wav", "digest": "feedface", "frames": steps, "kind": "audio"},
-                    "seed": 299792458, "steps": steps, "repeats": 2, "timeout": 600.0, "alignment": "aligned",
-                    "settings": {"temp_text": 0.7, "top_k_text": 25, "temp_audio": 0.8, "top_k_audio": 250},
-                    "plugins": []},
-        "reference": "cpu",
-        "reference_repeatability": {"backend": "cpu", "runs": 2, "logits_identical": True, "tokens_identical": True},
-        "backends": [{"name": n, "spec": n, "status": "ok", "error": None, "env": fake_env(n)} for n in ("cpu", "mps", "mlx")],
-        "verdicts": [
-            {**verdict, "backend": "mps", "verdict": "NUMERIC_DIVERGENCE", "first_divergence": {"step": 30, "stream": "audio0"},
-             "figures": {**figures, "portable_divergence": {"step": 30, "stream": "audio0"}}},
-            {**verdict, "backend": "mlx", "verdict": "SAMPLER_DIVERGENCE", "first_divergence": {"step": 80, "stream": "text"},
-             "figures": {**figures, "native_divergence": {"step": 80, "stream": "text"}}},
-        ],
-        "repeatability": [], "drift": [], "failures": [],
-        "traces": {n: f"traces/{n}" for n in ("cpu", "mps", "mlx")},
-    }
-    (root / "report.json").write_text(json.dumps(report))
-    return root
-
-
 def test_bundle_of_a_7b_vocabulary_run_fits_and_its_traces_load(tmp_path):
-    run = seven_b_run(tmp_path / "run")
+    run = synthetic_run(tmp_path / "run")
     files = write_report(run)
     assert files.bundle_bytes <= BUNDLE_LIMIT
     print(f"7B bundle: {files.bundle_bytes} bytes, window +-{files.plan.half_width} steps")
@@ -172,7 +122,7 @@ def test_bundle_of_a_7b_vocabulary_run_fits_and_its_traces_load(tmp_path):
 
 
 def test_no_divergence_keeps_the_first_steps(tmp_path):
-    run = seven_b_run(tmp_path / "run", steps=20)
+    run = synthetic_run(tmp_path / "run", steps=20)
     report = json.loads((run / "report.json").read_text())
     for v in report["verdicts"]:
         v.update(verdict="NUMERIC_DRIFT", first_divergence=None)

@@ -42,12 +42,27 @@ def test_shipped_mlx_configuration_keeps_device_dtype_and_quant():
     assert str(parse_spec("mlx:q8:bf16")) == "mlx:bf16:q8"  # one canonical label
 
 
-@pytest.mark.parametrize("bad", ["", ":", "cpu:", "cpu:fp8", "mlx:tpu", "a:b:c:d:e", "cpu:cpu:cpu", "mlx:gpu:q8:q4",
-                                 "mlx:fp16:bf16", "mlx:bf16:gpu"])
-def test_bad_specs_name_the_grammar(bad):
+GRAMMAR = "NAME[:DEVICE][:DTYPE][:QUANT]"
+
+
+@pytest.mark.parametrize("bad, needles", [
+    ("", ["Cannot read backend spec ''", GRAMMAR]),
+    (":", ["Cannot read backend spec ':'", GRAMMAR]),
+    ("cpu:", ["Cannot read backend spec 'cpu:'", GRAMMAR]),
+    ("a:b:c:d:e", ["Cannot read backend spec 'a:b:c:d:e'", GRAMMAR]),
+    ("cpu:fp8", ["Unknown part 'fp8' in backend spec 'cpu:fp8'", "dtypes fp32, fp16, bf16, fp64", GRAMMAR]),
+    ("mlx:tpu", ["Unknown part 'tpu' in backend spec 'mlx:tpu'", "devices are cpu, gpu", GRAMMAR]),
+    ("cpu:cpu:cpu", ["Unknown part 'cpu' in backend spec 'cpu:cpu:cpu'", GRAMMAR]),  # a device only comes first
+    ("mlx:bf16:gpu", ["Unknown part 'gpu' in backend spec 'mlx:bf16:gpu'", GRAMMAR]),
+    ("mlx:gpu:q8:q4", ["Backend spec 'mlx:gpu:q8:q4' names two quants (q8 and q4)", GRAMMAR]),
+    ("mlx:fp16:bf16", ["Backend spec 'mlx:fp16:bf16' names two dtypes (fp16 and bf16)", GRAMMAR]),
+])
+def test_bad_specs_name_the_part_and_the_grammar(bad, needles):
     with pytest.raises(XBackendError) as err:
         parse_spec(bad)
-    assert "spec" in str(err.value)
+    assert err.value.exit_code == 2
+    for needle in needles:
+        assert needle in str(err.value)
 
 
 def test_parse_list():

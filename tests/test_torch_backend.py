@@ -9,14 +9,9 @@ import xbackend
 from xbackend import CaptureRequest, capture
 from xbackend.models import resolve_model
 
-from .conftest import PEER, needs_peer, needs_tiny
+from .helpers import PEER, needs_peer, needs_tiny, run
 
 pytestmark = needs_tiny
-
-
-def run(tmp_path, name, **kw):
-    kw.setdefault("backend", "cpu")
-    return capture(CaptureRequest(**kw), tmp_path / name)
 
 
 def test_native_runs_are_bitwise_repeatable(tmp_path):

@@ -3,7 +3,7 @@
 Importing this package loads neither torch nor mlx; backends import them when created.
 """
 
-from .backends import create_backend, load_plugin, register_backend, wrap_backend
+from .backends import create_backend, load_plugin, register_backend, unregister_backend, wrap_backend
 from .backends.base import Backend, Job, StepRecord, StepRecorder
 from .capture import DEFAULT_SEED, CaptureRequest, capture
 from .codecs import Codec, create_codec, register_codec, unregister_codec, wrap_codec
@@ -18,5 +18,5 @@ __all__ = [
     "Backend", "BackendFailed", "Codec", "create_codec", "register_codec", "unregister_codec", "wrap_codec", "BackendSpec", "BackendUnavailable", "CaptureRequest", "DEFAULT_SEED",
     "Job", "Sampler", "SamplingSettings", "StepRecord", "StepRecorder", "Trace", "TruncatedTraceWarning",
     "XBackendError", "capture", "create_backend", "load_plugin", "load_trace", "parse_spec",
-    "register_backend", "wrap_backend",
+    "register_backend", "unregister_backend", "wrap_backend",
 ]

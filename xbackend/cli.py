@@ -3,30 +3,111 @@
 from __future__ import annotations
 
 import functools
-import sys
+import json
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from .capture import DEFAULT_SEED
 from .errors import XBackendError
+from .samplers import SamplingSettings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+
+METAVARS = {"Path": "PATH", "str": "TEXT", "int": "INTEGER", "float": "NUMBER"}
+
+
+def plain_help(params: list) -> list:
+    """Help without Python type hints: flags show no `<bool>`, values PATH, TEXT, INTEGER or NUMBER."""
+    for param in params:
+        if getattr(param, "_plain", False):
+            continue
+        param._plain = True
+        bare = getattr(param, "bare_type", lambda: "")().removeprefix("list[").removesuffix("]")
+        kind = METAVARS.get(bare, "VALUE")
+        if param.param_type_name == "argument":
+            param.metavar = param.metavar or param.name.upper()
+            param.display_type_rich = lambda ctx, kind=kind: kind
+        elif param.metavar is None:
+            param.metavar = "" if getattr(param, "is_flag", False) else kind
+    return params
+
+
+class Command(TyperCommand):
+    """A command whose usage reads `xbackend diff [OPTIONS] TRACE_A TRACE_B`, with plain help."""
+
+    def get_params(self, ctx) -> list:
+        return plain_help(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(param.metavar if param.required else f"[{param.metavar}]")
+        return pieces
+
+
+class Group(TyperGroup):
+    def get_params(self, ctx) -> list:
+        return plain_help(super().get_params(ctx))
+
+
+app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run Moshi on several backends with the same prompt and seed; tell why outputs differ.")
+command = functools.partial(app.command, cls=Command)
 
-SEED_HELP = "Seed for every sampler (the Rust CLI's default)."
-PluginOpt = typer.Option(None, "--plugin", help="Python file that registers extra backends (repeatable).")
+# Every option that several commands take is defined once, here.
+PLUGIN_OPT = typer.Option(None, "--plugin", metavar="FILE", help="Python file that registers extra backends (repeatable).")
 MODEL_OPT = typer.Option("tiny", help="tiny, a checkpoint directory or file, or hf://owner/repo.")
 MODEL_CONFIG_OPT = typer.Option(None, help="LMModel config JSON for a bare checkpoint file.")
 PROMPT_OPT = typer.Option(None, help="WAV/FLAC audio or a codes file (default: the bundled hello.wav).")
-SEED_OPT = typer.Option(299792458, help=SEED_HELP)
+SEED_OPT = typer.Option(DEFAULT_SEED, help="Seed for every sampler (the Rust CLI's default).")
 TIMEOUT_OPT = typer.Option(600.0, help="Seconds one run may take before it is killed and reported.")
 ALIGNMENT_OPT = typer.Option("aligned", help="aligned (same frame at the same step everywhere) or upstream.")
 REPEATS_OPT = typer.Option(2, help="Native runs per backend, for repeatability.")
+_DEFAULT_SETTINGS = SamplingSettings()
+TEMP_TEXT_OPT = typer.Option(_DEFAULT_SETTINGS.temp_text, help="Text temperature (PyTorch LMGen default).")
+TOPK_TEXT_OPT = typer.Option(_DEFAULT_SETTINGS.top_k_text, help="Text top-k (0: every token).")
+TEMP_AUDIO_OPT = typer.Option(_DEFAULT_SETTINGS.temp_audio, help="Audio temperature.")
+TOPK_AUDIO_OPT = typer.Option(_DEFAULT_SETTINGS.top_k_audio, help="Audio top-k (0: every token).")
+JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdout instead of the text output.")
+JSON_OUT_OPT = typer.Option(None, "--json-out", metavar="FILE", help="Also write the result as JSON to FILE.")
+
+
+def settings_options(temp_text: float, top_k_text: int, temp_audio: float, top_k_audio: int) -> SamplingSettings:
+    return SamplingSettings(temp_text=temp_text, top_k_text=top_k_text, temp_audio=temp_audio, top_k_audio=top_k_audio)
+
+
+def emit(data: dict | list, as_json: bool, json_out: Optional[Path], text: Callable[[], None]) -> None:
+    """The one way a command hands over its result: JSON on stdout (`--json`), into a file
+    (`--json-out FILE`), and the text output unless `--json` replaced it."""
+    dumped = json.dumps(data, indent=2, default=str)
+    if json_out is not None:
+        json_out.write_text(dumped + "\n")
+    if as_json:
+        typer.echo(dumped)
+    else:
+        text()
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"xbackend {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Run Moshi on several backends with the same prompt and seed; tell why outputs differ."""
 
 
 def friendly(fn: Callable) -> Callable:
-    """Turn library errors into one line on stderr and the exit code of SPEC §5."""
+    """Turn library errors into one line on stderr and their exit code (docs/design.md, Exit codes)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -68,27 +149,35 @@ def progress_bar(label: str):
     return progress, update
 
 
-@app.command()
+@command()
 @friendly
-def backends(plugin: Optional[List[Path]] = PluginOpt) -> None:
-    """List every backend spec and whether it runs on this machine (and why not)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from .backends import BUILTIN_SPECS, registered
+def backends(plugin: Optional[List[Path]] = PLUGIN_OPT, as_json: bool = JSON_OPT,
+             json_out: Optional[Path] = JSON_OUT_OPT) -> None:
+    """List every backend spec, whether it runs on this machine (and why not, with the extra that enables it)."""
+    from .backends import BUILTIN_NAMES, BUILTIN_SPECS, registered
     from .report_env import backend_rows
 
     load_plugins(plugin)
-    table = Table(title="xbackend backends")
-    for col in ("spec", "library", "available", "device", "versions"):
-        table.add_column(col)
-    for row in backend_rows(list(BUILTIN_SPECS) + [n for n in registered() if n not in ("cpu", "cuda", "mps", "mlx")]):
-        table.add_row(row["spec"], row["library"], "yes" if row["available"] else f"no: {row['reason']}",
-                      row["device"], row["versions"])
-    Console().print(table)
+    rows = backend_rows(list(BUILTIN_SPECS) + [n for n in registered() if n not in BUILTIN_NAMES])
+
+    def text() -> None:
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(title="xbackend backends")
+        for col in ("spec", "library", "available", "device", "versions"):
+            table.add_column(col)
+        for row in rows:
+            cells = (row["spec"], row["library"], "yes" if row["available"] else f"no: {row['reason']}",
+                     row["device"], row["versions"])
+            table.add_row(*map(escape, cells))
+        Console().print(table)
+
+    emit({"schema": "xbackend.backends/1", "backends": rows}, as_json, json_out, text)
 
 
-@app.command()
+@command()
 @friendly
 def capture(
     backend: str = typer.Option("cpu", "--backend", "-b", help="Backend spec, e.g. cpu, cpu:fp64, mlx:cpu."),
@@ -99,8 +188,12 @@ def capture(
     steps: int = typer.Option(50, help="Steps of 80 ms to generate."),
     sampler: str = typer.Option("native", help="native, portable, greedy or forced:PATH."),
     alignment: str = ALIGNMENT_OPT,
+    temp_text: float = TEMP_TEXT_OPT, top_k_text: int = TOPK_TEXT_OPT,
+    temp_audio: float = TEMP_AUDIO_OPT, top_k_audio: int = TOPK_AUDIO_OPT,
     out: Path = typer.Option(Path("trace"), "--out", "-o", help="Trace directory to write."),
-    plugin: Optional[List[Path]] = PluginOpt,
+    plugin: Optional[List[Path]] = PLUGIN_OPT,
+    as_json: bool = JSON_OPT,
+    json_out: Optional[Path] = JSON_OUT_OPT,
 ) -> None:
     """Capture one backend's logits and tokens, step by step, into a trace directory."""
     from .capture import CaptureRequest
@@ -108,12 +201,18 @@ def capture(
 
     load_plugins(plugin)
     req = CaptureRequest(backend=backend, model=model, model_config=model_config, prompt=prompt, seed=seed,
-                         steps=steps, sampler=sampler, alignment=alignment)
+                         steps=steps, sampler=sampler, alignment=alignment,
+                         settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio))
     bar, update = progress_bar(f"capture {backend}")
     with bar:
         trace = run_capture(req, out, progress=update)
-    typer.echo(f"{trace.steps} steps of {backend} ({trace.meta['sampler']['mode']}) written to {out} "
-               f"at {trace.meta.get('ms_per_step')} ms/step")
+    meta = trace.meta
+    data = {"schema": "xbackend.capture/1", "trace": str(out), "backend": meta["backend"], "steps": trace.steps,
+            "status": meta.get("status"), "sampler": meta["sampler"], "settings": meta["settings"],
+            "seed": meta["seed"], "ms_per_step": meta.get("ms_per_step")}
+    emit(data, as_json, json_out, lambda: typer.echo(
+        f"{trace.steps} steps of {backend} ({meta['sampler']['mode']}) written to {out} "
+        f"at {meta.get('ms_per_step')} ms/step"))
 
 
 def run_progress():
@@ -139,12 +238,6 @@ def run_progress():
             progress.update(task, state=kind if kind == "done" else f"[red]{kind}[/red]")
 
     return progress, on_event
-
-
-def settings_options(temp_text: float, top_k_text: int, temp_audio: float, top_k_audio: int):
-    from .samplers import SamplingSettings
-
-    return SamplingSettings(temp_text=temp_text, top_k_text=top_k_text, temp_audio=temp_audio, top_k_audio=top_k_audio)
 
 
 def print_verdicts(report: dict) -> None:
@@ -183,13 +276,7 @@ def print_verdicts(report: dict) -> None:
             console.print("  also: " + ", ".join(s["verdict"] for s in v["secondary"]))
 
 
-TEMP_TEXT = typer.Option(0.7, help="Text temperature (PyTorch LMGen default).")
-TOPK_TEXT = typer.Option(25, help="Text top-k.")
-TEMP_AUDIO = typer.Option(0.8, help="Audio temperature.")
-TOPK_AUDIO = typer.Option(250, help="Audio top-k.")
-
-
-@app.command()
+@command()
 @friendly
 def compare(
     backends: str = typer.Option(..., "--backends", "-b", help="Comma-separated specs; the first is the reference."),
@@ -201,15 +288,15 @@ def compare(
     repeats: int = REPEATS_OPT,
     timeout: float = TIMEOUT_OPT,
     alignment: str = ALIGNMENT_OPT,
-    temp_text: float = TEMP_TEXT, top_k_text: int = TOPK_TEXT, temp_audio: float = TEMP_AUDIO, top_k_audio: int = TOPK_AUDIO,
+    temp_text: float = TEMP_TEXT_OPT, top_k_text: int = TOPK_TEXT_OPT,
+    temp_audio: float = TEMP_AUDIO_OPT, top_k_audio: int = TOPK_AUDIO_OPT,
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Run directory to write."),
-    json_out: bool = typer.Option(False, "--json", help="Print report.json instead of the table."),
     codec: str = typer.Option("torch:cpu", "--codec", help="Codec spec that decodes the generated audio (torch:cpu, mlx:cpu, candle, ...)."),
-    plugin: Optional[List[Path]] = PluginOpt,
+    plugin: Optional[List[Path]] = PLUGIN_OPT,
+    as_json: bool = JSON_OPT,
+    json_out: Optional[Path] = JSON_OUT_OPT,
 ) -> None:
     """Run the diagnosis protocol on every backend and give one verdict per backend."""
-    import json
-
     from .compare import CompareRequest, exit_code, run_compare
 
     req = CompareRequest(backends=tuple(backends.split(",")), model=model, model_config=model_config, prompt=prompt,
@@ -219,9 +306,8 @@ def compare(
     progress, on_event = run_progress()
     with progress:
         report = run_compare(req, out, on_event, min_backends=2)
-    if json_out:
-        typer.echo(json.dumps(report, indent=2, default=str))
-    else:
+
+    def text() -> None:
         print_verdicts(report)
         t = report["timing"]
         if report.get("codec"):
@@ -229,10 +315,13 @@ def compare(
         typer.echo(f"run directory: {out} (report.json, traces/, audio/); took {t['wall_s']:.1f} s, of which "
                    f"model steps {t['model_steps_s']:.1f} s and model loading {t['model_load_s']:.1f} s "
                    f"over {t['runs']} runs")
+        typer.echo("traces: " + ", ".join(f"{label} in {out / path}" for label, path in report["traces"].items()))
+
+    emit(report, as_json, json_out, text)
     raise typer.Exit(exit_code(report))
 
 
-@app.command()
+@command()
 @friendly
 def codec(
     codecs: str = typer.Option("torch,mlx,candle", "--codecs", "-c",
@@ -242,13 +331,11 @@ def codec(
     codebooks: int = typer.Option(8, help="Codebooks to encode with (Moshi uses 8)."),
     timeout: float = TIMEOUT_OPT,
     out: Path = typer.Option(Path("runs/codec"), "--out", "-o", help="Run directory to write."),
-    json_out: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of the table."),
-    json_file: Optional[Path] = typer.Option(None, "--json-out", help="Also write report.json's content to this file."),
-    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help="Python file that registers codecs (xbackend.register_codec; repeatable)."),
+    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", metavar="FILE", help="Python file that registers codecs (xbackend.register_codec; repeatable)."),
+    as_json: bool = JSON_OPT,
+    json_out: Optional[Path] = JSON_OUT_OPT,
 ) -> None:
     """The same audio through Mimi on PyTorch, MLX and candle: codes and decoded audio compared frame by frame."""
-    import json
-
     from .codec_report import write_codec_report
     from .codec_stage import CodecRequest, exit_code, run_codec_stage
 
@@ -257,37 +344,32 @@ def codec(
     progress, on_event = run_progress()
     with progress:
         report = run_codec_stage(req, out, on_event)
-    files = write_codec_report(out)
-    if json_file:
-        json_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    if json_out:
-        typer.echo(json.dumps(report, indent=2, default=str))
-    else:
+    write_codec_report(out)
+
+    def text() -> None:
         from .codec_report import summary_lines
 
         for line in summary_lines(report):
             typer.echo(line)
         typer.echo(f"run directory: {out} (report.json, report.md, plots/, audio/); took {report['timing']['wall_s']:.1f} s")
+
+    emit(report, as_json, json_out, text)
     for c in report["codecs"]:
         if c["status"] != "ok":
             typer.echo(f"error: codec {c['name']} {c['status']}: {c['error']}", err=True)
     raise typer.Exit(exit_code(report))
 
 
-@app.command()
+@command()
 @friendly
 def diff(
     trace_a: Path = typer.Argument(..., help="Reference trace directory."),
     trace_b: Path = typer.Argument(..., help="Trace to compare against it."),
-    force: bool = typer.Option(False, help="Compare even when the traces are not comparable (says why)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    force: bool = typer.Option(False, "--force", help="Compare even when the traces are not comparable (says why)."),
+    as_json: bool = JSON_OPT,
+    json_out: Optional[Path] = JSON_OUT_OPT,
 ) -> None:
     """Drift and first divergence between two traces captured anywhere (two Macs, two versions)."""
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
-
     from .diff import diff as run_diff
 
     result = run_diff(trace_a, trace_b, force=force)
@@ -296,9 +378,11 @@ def diff(
         raise XBackendError(f"Trace {empty} has no complete step, so there is nothing to compare",
                             fix="capture it again (its meta.json says why the run stopped)")
     data = result.to_dict()
-    if json_out:
-        typer.echo(json.dumps(data, indent=2))
-    else:
+
+    def text() -> None:
+        from rich.console import Console
+        from rich.table import Table
+
         console = Console()
         for note in data.get("notes", []):
             console.print(f"note: {note}")
@@ -317,6 +401,8 @@ def diff(
         console.print("logits: bitwise identical" if data["logits_identical"] else
                       f"logits: first bitwise difference at step {data['first_bitwise_step']}; "
                       f"{'within' if data['within_tolerance'] else 'BEYOND'} tolerance {data['tolerance']:g}")
+
+    emit(data, as_json, json_out, text)
     diverged = data.get("first_divergence") is not None or not data["within_tolerance"]
     raise typer.Exit(1 if diverged else 0)
 
@@ -325,30 +411,33 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
-@app.command()
+@command()
 @friendly
 def repeat(
     backend: str = typer.Option("cpu", "--backend", "-b", help="Backend spec."),
     runs: int = typer.Option(3, help="How many runs with the same seed and inputs."),
     model: str = MODEL_OPT, model_config: Optional[str] = MODEL_CONFIG_OPT, prompt: Optional[str] = PROMPT_OPT,
     seed: int = SEED_OPT, steps: int = typer.Option(50, help="Steps of 80 ms per run."), timeout: float = TIMEOUT_OPT,
+    alignment: str = ALIGNMENT_OPT,
+    temp_text: float = TEMP_TEXT_OPT, top_k_text: int = TOPK_TEXT_OPT,
+    temp_audio: float = TEMP_AUDIO_OPT, top_k_audio: int = TOPK_AUDIO_OPT,
     out: Path = typer.Option(Path("runs/repeat"), "--out", "-o", help="Directory for the runs' traces."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    plugin: Optional[List[Path]] = PluginOpt,
+    plugin: Optional[List[Path]] = PLUGIN_OPT,
+    as_json: bool = JSON_OPT,
+    json_out: Optional[Path] = JSON_OUT_OPT,
 ) -> None:
     """Run one backend several times with the native sampler: is it bitwise repeatable?"""
-    import json
-
     from .compare import CompareRequest, run_repeat
 
     req = CompareRequest(backends=(backend,), model=model, model_config=model_config, prompt=prompt, seed=seed,
-                         steps=steps, repeats=runs, timeout=timeout, plugins=tuple(str(p) for p in plugin or []))
+                         steps=steps, repeats=runs, timeout=timeout, alignment=alignment,
+                         settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio),
+                         plugins=tuple(str(p) for p in plugin or []))
     progress, on_event = run_progress()
     with progress:
         result = run_repeat(req, out, on_event)
-    if json_out:
-        typer.echo(json.dumps(result, indent=2))
-    else:
+
+    def text() -> None:
         n = result["runs"]
         typer.echo(f"{backend}: {result['identical_logits_runs']}/{n} runs bitwise identical in logits, "
                    f"{result['identical_token_runs']}/{n} in tokens")
@@ -359,54 +448,71 @@ def repeat(
             typer.echo(f"  run {i}: {d}")
         for f in result["failures"]:
             typer.echo(f"  {f['run']}: {f['status']} - {f['error']}", err=True)
+
+    emit(result, as_json, json_out, text)
     if result["failures"]:
         raise typer.Exit(3)
     raise typer.Exit(0 if result["logits_identical"] and result["tokens_identical"] else 1)
 
 
-@app.command()
+@command()
 @friendly
-def report(run_dir: Path = typer.Argument(..., help="Run directory written by `xbackend compare` or `xbackend codec`.")) -> None:
+def report(run_dir: Path = typer.Argument(..., help="Run directory written by `xbackend compare` or `xbackend codec`."),
+           as_json: bool = JSON_OPT, json_out: Optional[Path] = JSON_OUT_OPT) -> None:
     """Write report.md (for an upstream issue), drift plots and bundle.tar.gz into a run directory."""
     from .codec_report import is_codec_run, write_codec_report
     from .report import write_report
 
     if is_codec_run(run_dir):  # written by `xbackend codec`
         made = write_codec_report(run_dir)
-        typer.echo(f"report: {made.markdown}")
-        for plot in made.plots:
-            typer.echo(f"plot: {plot}")
-        typer.echo(f"bundle: {made.bundle} ({made.bundle_bytes / 1e6:.2f} MB)")
+        codec_data = {"schema": "xbackend.report-files/1", "markdown": str(made.markdown),
+                      "plots": [str(p) for p in made.plots], "bundle": str(made.bundle),
+                      "bundle_bytes": made.bundle_bytes}
+
+        def codec_text() -> None:
+            typer.echo(f"report: {made.markdown}")
+            for plot in made.plots:
+                typer.echo(f"plot: {plot}")
+            typer.echo(f"bundle: {made.bundle} ({made.bundle_bytes / 1e6:.2f} MB)")
+
+        emit(codec_data, as_json, json_out, codec_text)
         return
 
     files = write_report(run_dir)
-    typer.echo(f"report: {files.markdown}")
-    for plot in files.plots:
-        typer.echo(f"plot: {plot}")
-    typer.echo(f"bundle: {files.bundle} ({files.bundle_bytes / 1e6:.2f} MB; traces trimmed to "
-               f"{files.plan.half_width} steps either side of each divergence)")
+    data = {"schema": "xbackend.report-files/1", "markdown": str(files.markdown),
+            "plots": [str(p) for p in files.plots], "bundle": str(files.bundle), "bundle_bytes": files.bundle_bytes,
+            "half_width": files.plan.half_width, "omitted": [str(o) for o in files.plan.omitted]}
+
+    def text() -> None:
+        typer.echo(f"report: {files.markdown}")
+        for plot in files.plots:
+            typer.echo(f"plot: {plot}")
+        typer.echo(f"bundle: {files.bundle} ({files.bundle_bytes / 1e6:.2f} MB; traces trimmed to "
+                   f"{files.plan.half_width} steps either side of each divergence)")
+
+    emit(data, as_json, json_out, text)
     if files.plan.omitted:
         typer.echo(f"warning: {len(files.plan.omitted)} trimmed traces left out of the bundle to stay under its "
                    "size limit (listed in report.md)", err=True)
 
 
-@app.command()
+@command()
 @friendly
 def check(
     baseline: Path = typer.Option(..., "--baseline", help="Baseline directory (from `xbackend baseline create`)."),
-    tolerances: Optional[Path] = typer.Option(None, help="TOML file: [tolerances] fp32 = 1e-5 ... (tiers only)."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here (one testcase per backend and check)."),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    tolerances: Optional[Path] = typer.Option(None, help="TOML file: \\[tolerances] fp32 = 1e-5 ... (tiers only)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", metavar="FILE",
+                                         help="Write JUnit XML here (one testcase per backend and check)."),
     model: Optional[str] = typer.Option(None, help="Model to check (default: the baseline's); must match its digest."),
     seed: Optional[int] = typer.Option(None, help="Must equal the baseline's seed if given."),
     steps: Optional[int] = typer.Option(None, help="Must equal the baseline's steps if given."),
     timeout: float = TIMEOUT_OPT,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Keep the fresh run directory here (default: temporary)."),
-    plugin: Optional[List[Path]] = PluginOpt,
+    plugin: Optional[List[Path]] = PLUGIN_OPT,
+    as_json: bool = JSON_OPT,
+    json_out: Optional[Path] = JSON_OUT_OPT,
 ) -> None:
     """Pre-release gate: run the baseline's backends again and hold them to its committed traces."""
-    import json
-
     from .check import load_tolerances, run_check
 
     table = load_tolerances(tolerances) if tolerances else None
@@ -418,21 +524,23 @@ def check(
         from .check import junit_xml
 
         junit.write_text(junit_xml(result))
-    if json_file:
-        json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    for r in result["checks"]:
-        typer.echo(f"{r['status'].upper():4} {r['message']}")
-    c = result["counts"]
-    typer.echo(f"{'PASSED' if result['passed'] else 'FAILED'}: {c['pass']} passed, {c['fail']} failed, "
-               f"{c['skip']} skipped against {baseline}")
+
+    def text() -> None:
+        for r in result["checks"]:
+            typer.echo(f"{r['status'].upper():4} {r['message']}")
+        c = result["counts"]
+        typer.echo(f"{'PASSED' if result['passed'] else 'FAILED'}: {c['pass']} passed, {c['fail']} failed, "
+                   f"{c['skip']} skipped against {baseline}")
+
+    emit(result, as_json, json_out, text)
     raise typer.Exit(result["exit_code"])
 
 
-baseline_app = typer.Typer(no_args_is_help=True, help="Make the baselines `xbackend check` holds runs to.")
+baseline_app = typer.Typer(cls=Group, no_args_is_help=True, help="Make the baselines `xbackend check` holds runs to.")
 app.add_typer(baseline_app, name="baseline")
 
 
-@baseline_app.command("create")
+@baseline_app.command("create", cls=Command)
 @friendly
 def baseline_create(
     backends: str = typer.Option(..., "--backends", "-b", help="Comma-separated specs; the first is the reference."),
@@ -444,8 +552,11 @@ def baseline_create(
     repeats: int = REPEATS_OPT,
     timeout: float = TIMEOUT_OPT,
     alignment: str = ALIGNMENT_OPT,
-    temp_text: float = TEMP_TEXT, top_k_text: int = TOPK_TEXT, temp_audio: float = TEMP_AUDIO, top_k_audio: int = TOPK_AUDIO,
-    plugin: Optional[List[Path]] = PluginOpt,
+    temp_text: float = TEMP_TEXT_OPT, top_k_text: int = TOPK_TEXT_OPT,
+    temp_audio: float = TEMP_AUDIO_OPT, top_k_audio: int = TOPK_AUDIO_OPT,
+    plugin: Optional[List[Path]] = PLUGIN_OPT,
+    as_json: bool = JSON_OPT,
+    json_out: Optional[Path] = JSON_OUT_OPT,
 ) -> None:
     """Run compare once and keep what `check` needs: baseline.json, prompt codes and traces."""
     from .check import create_baseline
@@ -458,23 +569,26 @@ def baseline_create(
     progress, on_event = run_progress()
     with progress:
         made = create_baseline(req, out, on_event)
-    for v in made["expected"]["verdicts"]:
-        typer.echo(f"{v['backend']}: expected verdict {v['verdict']}")
-    typer.echo(f"baseline written to {out} (model {made['model']['name']} {made['model']['digest']}, "
-               f"{made['steps']} steps, seed {made['seed']})")
+
+    def text() -> None:
+        for v in made["expected"]["verdicts"]:
+            typer.echo(f"{v['backend']}: expected verdict {v['verdict']}")
+        typer.echo(f"baseline written to {out} (model {made['model']['name']} {made['model']['digest']}, "
+                   f"{made['steps']} steps, seed {made['seed']})")
+
+    emit(made, as_json, json_out, text)
 
 
-@app.command("inspect")
+@command("inspect")
 @friendly
 def inspect_cmd(
     trace: Path = typer.Argument(..., help="Trace directory."),
     against: Optional[Path] = typer.Option(None, help="A second trace: where they diverge and what each produced."),
     plot: Optional[Path] = typer.Option(None, help="Write an entropy plot (PNG) here."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = JSON_OPT,
+    json_out: Optional[Path] = JSON_OUT_OPT,
 ) -> None:
     """Entropy, repeated-token runs, n-gram loops and text padding of one trace, per stream."""
-    import json
-
     from .inspection import divergence, inspect_trace, plot_inspection
     from .trace import load_trace
 
@@ -487,12 +601,14 @@ def inspect_cmd(
     if plot is not None:
         plot_inspection(result, plot, at["step"] if at else None)
         data["plot"] = str(plot)
-    if json_out:
-        typer.echo(json.dumps(data, indent=2))
-        return
+    emit(data, as_json, json_out, lambda: print_inspection(trace, against, plot, result, data))
+
+
+def print_inspection(trace: Path, against: Optional[Path], plot: Optional[Path], result, data: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    at = (data.get("against") or {}).get("first_divergence")
     table = Table(title=f"{trace} ({result.backend}, {result.sampler}, {result.steps} steps)")
     for col in ("stream", "entropy (nats, T=1) mean", "min-max", "longest run", "loop from step", "period", "pattern"):
         table.add_column(col)
@@ -532,4 +648,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import sys
@@ -49,7 +50,67 @@ class CompareRequest:
 
 
 def safe_name(label: str) -> str:
+    """A backend label as a directory name: every run of characters outside [A-Za-z0-9_.-] becomes
+    one `_`, so `mlx:cpu` is stored as `traces/mlx_cpu` and a second `cpu` (`cpu#2`) as `traces/cpu_2`."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+
+
+_TRACE_FILES = re.compile(r"(meta\.json(\.tmp)?|digests\.txt|tokens\.bin|margins\.bin|inputs\.bin|logits-[^/]+\.bin)")
+_RUN_FILES = ("report.json", "report.md", "repeat.json", "bundle.tar.gz", "prompt_codes.npy")
+
+
+def _is_trace_dir(path: Path) -> bool:
+    try:
+        return str(json.loads((path / "meta.json").read_text()).get("schema", "")).startswith("xbackend.trace/")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def clear_previous_run(out: Path) -> list[Path]:
+    """Remove what an earlier `compare`, `repeat` or `report` wrote into `out`, so that a reused
+    `--out` never mixes the traces of backends that are no longer asked for with the new ones.
+
+    Only xbackend's own files go: trace files inside directories whose meta.json is an xbackend
+    trace, job files, the audio and plots an earlier report.json names, and the run's own
+    reports; directories are removed only when that leaves them empty. Returns what was removed."""
+    removed: list[Path] = []
+
+    def unlink(path: Path) -> None:
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+            removed.append(path)
+
+    try:
+        old = json.loads((out / "report.json").read_text())
+        labels = list(old.get("traces") or {})
+        audio = [str(a) for a in (old.get("audio") or {}).values()]
+    except (OSError, ValueError, AttributeError):
+        labels, audio = [], []
+    for label in labels:
+        unlink(out / "plots" / f"drift-{safe_name(str(label))}.png")
+    for rel in audio:
+        if re.fullmatch(r"audio/[A-Za-z0-9_.-]+\.wav", rel):
+            unlink(out / rel)
+    for job in (out / "jobs").glob("*.json"):
+        try:
+            is_job = {"runs", "plugins"} <= set(json.loads(job.read_text()))
+        except (OSError, ValueError, TypeError):
+            is_job = False
+        if is_job:
+            unlink(job)
+    traces = out / "traces"
+    for meta in sorted(traces.glob("**/meta.json")) if traces.is_dir() and not traces.is_symlink() else []:
+        if _is_trace_dir(meta.parent):
+            for f in meta.parent.iterdir():
+                if _TRACE_FILES.fullmatch(f.name):
+                    unlink(f)
+    for name in _RUN_FILES:
+        unlink(out / name)
+    emptied = {d for f in removed for d in f.parents if out in d.parents}
+    for d in sorted(emptied, key=lambda d: -len(d.parts)):
+        if not any(d.iterdir()):
+            d.rmdir()
+    return removed
 
 
 def unique_labels(specs: list[str]) -> list[str]:
@@ -122,8 +183,9 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
     model = resolve_model(req.model, req.model_config)
     if req.decode_audio and model.dep_q:
         check_decoder(req.codec, model)
-    out.mkdir(parents=True, exist_ok=True)
     prompt = load_prompt(req.prompt, model, req.steps)
+    out.mkdir(parents=True, exist_ok=True)
+    clear_previous_run(out)
     np.save(out / "prompt_codes.npy", prompt.codes)
     base = replace(base, prompt=str(out / "prompt_codes.npy"))
     labels = unique_labels([str(s) for s in specs])
@@ -268,8 +330,9 @@ def run_repeat(req: CompareRequest, out: str | Path, on_event: EventFn | None = 
         raise XBackendError(f"--runs must be at least 2 to say anything about repeatability, got {req.repeats}")
     require_available(create_backend(spec))
     model = resolve_model(req.model, req.model_config)
-    out.mkdir(parents=True, exist_ok=True)
     prompt = load_prompt(req.prompt, model, req.steps)
+    out.mkdir(parents=True, exist_ok=True)
+    clear_previous_run(out)
     np.save(out / "prompt_codes.npy", prompt.codes)
     base = replace(base, prompt=str(out / "prompt_codes.npy"))
     label = str(spec)

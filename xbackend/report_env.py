@@ -16,7 +16,8 @@ def backend_rows(specs: list[str]) -> list[dict]:
             backend = create_backend(text)
             reason = backend.unavailable_reason()
         except XBackendError as exc:
-            rows.append({"spec": text, "library": "?", "available": False, "reason": str(exc), "device": "-", "versions": "-"})
+            rows.append({"spec": text, "library": "?", "available": False, "reason": str(exc), "device": "-",
+                         "versions": "-", "extra": None})
             continue
         device = "-"
         if reason is None:
@@ -27,5 +28,6 @@ def backend_rows(specs: list[str]) -> list[dict]:
         libs = LIBRARIES.get(backend.library, ())
         versions = ", ".join(f"{name} {package_version(name.replace('_', '-')) or 'missing'}" for name in libs)
         rows.append({"spec": text, "library": backend.library or "plugin", "available": reason is None,
-                     "reason": reason or "", "device": device, "versions": versions or "-"})
+                     "reason": reason or "", "device": device, "versions": versions or "-",
+                     "extra": backend.extra or None})
     return rows

@@ -26,6 +26,16 @@ def register_backend(name: str, factory: Factory) -> None:
     _FACTORIES[name.lower()] = factory
 
 
+def unregister_backend(name: str) -> None:
+    """Undo `register_backend(name, ...)`: a plugin name disappears, a built-in name (`cpu`, `mlx`, ...)
+    gets its built-in factory back. Tests use it so that no registration outlives its test."""
+    name = name.lower()
+    if name in _BUILTINS:
+        _FACTORIES[name] = _BUILTINS[name]
+    else:
+        _FACTORIES.pop(name, None)
+
+
 def _torch(spec: BackendSpec) -> Backend:
     from .torch_backend import TorchBackend
 
@@ -38,9 +48,9 @@ def _mlx(spec: BackendSpec) -> Backend:
     return MlxBackend(spec)
 
 
-for _name in ("cpu", "cuda", "mps"):
-    register_backend(_name, _torch)
-register_backend("mlx", _mlx)
+_BUILTINS: dict[str, Factory] = {"cpu": _torch, "cuda": _torch, "mps": _torch, "mlx": _mlx}
+_FACTORIES.update(_BUILTINS)
+BUILTIN_NAMES = tuple(_BUILTINS)
 BUILTIN_SPECS = ("cpu", "cpu:fp64", "cuda", "cuda:bf16", "mps", "mps:fp16", "mps:bf16", "mlx", "mlx:cpu", "mlx:gpu",
                  "mlx:gpu:bf16", "mlx:gpu:bf16:q8", "mlx:q8", "mlx:q4")
 
@@ -116,5 +126,5 @@ def wrap_backend(spec: BackendSpec | str, on_logits: LogitsHook) -> Factory:
     return factory
 
 
-__all__ = ["Backend", "Job", "StepRecord", "StepRecorder", "register_backend", "create_backend", "require_available",
-           "wrap_backend", "load_plugin", "registered", "BUILTIN_SPECS"]
+__all__ = ["Backend", "Job", "StepRecord", "StepRecorder", "register_backend", "unregister_backend", "create_backend",
+           "require_available", "wrap_backend", "load_plugin", "registered", "BUILTIN_SPECS"]

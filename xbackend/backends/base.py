@@ -141,10 +141,16 @@ class StepRecorder:
         return StepRecord(self._logits, self._tokens, self._margins, np.asarray(inputs, dtype=np.int64))
 
 
+def install_hint(extra: str) -> str:
+    """The pip command that installs a backend's libraries: the core install has none."""
+    return f"pip install 'xbackend[{extra}]'"
+
+
 class Backend:
     """Base class: subclasses set `library`, and implement `load` and `generate`."""
 
     library = ""
+    extra = ""  # the xbackend extra that installs `library` (pyproject.toml), "" for plugins
     consumes_late = False  # True when the library consumes user codes one step after they are passed
 
     def __init__(self, spec: BackendSpec):

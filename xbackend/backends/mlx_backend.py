@@ -24,13 +24,13 @@ import numpy as np
 from ..errors import XBackendError
 from ..models import ModelRef, safetensors_header, to_published_layout
 from ..spec import BackendSpec
-from .base import Backend, Job, StepRecord, StepRecorder
+from .base import Backend, Job, StepRecord, StepRecorder, install_hint
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 BITS = {"q8": 8, "q4": 4}
 GROUP_SIZES = {"q8": 64, "q4": 32}  # moshi_mlx local.py: `32 if args.quantized == 4 else 64`
 MLX_GROUP_SIZES = (128, 64, 32)  # what mx.quantize supports
-INSTALL = "pip install mlx moshi_mlx" if sys.platform == "darwin" else "pip install 'mlx[cpu]' moshi_mlx"
+INSTALL = install_hint("mlx")
 # Run in a fresh process: mlx 0.26's Metal `is_available()` is true whenever MLX was built with
 # Metal, and a process without GPU access (VM, sandbox, ssh session) aborts on the first GPU op.
 GPU_PROBE = """
@@ -57,6 +57,7 @@ _GPU_PROBES: dict[tuple[str, bool], tuple[bool, str]] = {}
 
 class MlxBackend(Backend):
     library = "mlx"
+    extra = "mlx"
     consumes_late = True  # LmGen reads the user codes passed at step t in step t+1
 
     def __init__(self, spec: BackendSpec):

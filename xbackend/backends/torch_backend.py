@@ -26,7 +26,7 @@ from ..errors import BackendFailed, BackendUnavailable, XBackendError
 from ..models import ModelRef
 from ..samplers import portable_uniforms
 from ..spec import BackendSpec
-from .base import Backend, Job, StepRecord, StepRecorder
+from .base import Backend, Job, StepRecord, StepRecorder, install_hint
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
 COMPILE_ENV = "XBACKEND_TORCH_COMPILE"  # set to 1 to keep moshi's lazy torch.compile of rope/gating/norm
@@ -42,6 +42,7 @@ STATE_DICT_WORDS = ("Error(s) in loading state_dict", "size mismatch", "Missing 
 
 class TorchBackend(Backend):
     library = "torch"
+    extra = "torch"
 
     def __init__(self, spec: BackendSpec):
         super().__init__(spec)
@@ -70,7 +71,7 @@ class TorchBackend(Backend):
             import moshi  # noqa: F401
             import torch
         except ImportError as exc:
-            return f"PyTorch or moshi is not installed ({exc.name}); install with `pip install torch moshi`"
+            return f"PyTorch or moshi is not installed ({exc.name}); install with `{install_hint(self.extra)}`"
         if self.spec.name == "cuda" and not torch.cuda.is_available():
             return f"no CUDA device (torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'})"
         if self.spec.name == "mps":
