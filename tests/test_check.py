@@ -38,7 +38,9 @@ def test_committed_baseline_passes(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["schema"] == "xbackend.check/1" and result["passed"] and result["counts"]["fail"] == 0
-    got = cases((tmp_path / "j.xml").read_text())
+    xml = (tmp_path / "j.xml").read_text()
+    assert float(ET.fromstring(xml).find("testsuite").get("time")) == pytest.approx(result["elapsed_s"], abs=1e-3) > 0
+    got = cases(xml)
     assert {("cpu", "logits"), ("cpu", "tokens"), ("mlx:cpu", "logits"), ("mlx:cpu", "verdict")} <= set(got)
     assert not any(c.find("failure") is not None for c in got.values())
 
@@ -99,8 +101,11 @@ def test_junit_names_backend_and_check():
                           "figures": {"step": 3}},
                          {"backend": "mps", "check": "repeatability", "status": "skip", "message": "skipped"}],
               "counts": {"pass": 0, "fail": 1, "skip": 1}, "baseline": "b", "seed": 1, "steps": 2,
-              "model": {"name": "tiny", "digest": "d"}}
-    got = cases(junit_xml(result))
+              "model": {"name": "tiny", "digest": "d"}, "elapsed_s": 12.3456}
+    xml = junit_xml(result)
+    assert ET.fromstring(xml).find("testsuite").get("time") == "12.346"  # the check's measured wall time
+    got = cases(xml)
+    assert all(c.get("time") is None for c in got.values())  # no invented per-check times
     assert got[("mps", "tokens")].find("failure").get("message") == "mps: tokens: differ"
     assert got[("mps", "repeatability")].find("skipped") is not None
 

@@ -129,7 +129,7 @@ def test_no_divergence_keeps_the_first_steps(tmp_path):
     (run / "report.json").write_text(json.dumps(report))
     files = write_report(run)
     assert "No backend diverged" in files.markdown.read_text()
-    n = files.plan.windows[0].stop  # 16 steps (HEAD_STEPS) unless that is over the limit: 3 x 16 x 194 kB is
+    n = files.plan.windows[0].stop  # 16 steps (2 x WINDOW) unless that is over the limit: 3 x 16 x 194 kB is
     assert 0 < n < 16
     assert {(w.backend, w.run, w.start, w.stop) for w in files.plan.windows} == {
         ("cpu", "native-0", 0, n), ("mps", "forced", 0, n), ("mlx", "forced", 0, n)}

@@ -33,6 +33,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -325,6 +326,7 @@ def run_check(baseline_dir: str | Path, *, model: str | None = None, seed: int |
               steps: int | None = None, tolerances: dict[str, float] | None = None, plugins: tuple[str, ...] = (),
               timeout: float = 600.0, out: str | Path | None = None, on_event: EventFn | None = None) -> dict:
     """Run the baseline's backends again and hold them to the committed traces; returns the result."""
+    started = time.perf_counter()
     base_dir = Path(baseline_dir)
     baseline = load_baseline(base_dir)
     table = dict(tolerances or CHECK_TOLERANCES)
@@ -342,22 +344,26 @@ def run_check(baseline_dir: str | Path, *, model: str | None = None, seed: int |
         "backends": baseline["backends"], "model": baseline["model"], "seed": baseline["seed"],
         "steps": baseline["steps"], "tolerances": table, "passed": not failed,
         "exit_code": 3 if failed_run else 1 if failed else 0, "counts": counts,
-        "checks": [asdict(r) for r in results],
+        "checks": [asdict(r) for r in results], "elapsed_s": round(time.perf_counter() - started, 3),
     }
 
 
 def junit_xml(result: dict) -> str:
-    """JUnit XML: one testcase per backend and check (classname = backend, name = check)."""
+    """JUnit XML: one testcase per backend and check (classname = backend, name = check).
+
+    The suite's time is the whole check's wall time (running every backend, then comparing); the
+    checks of one run have no time of their own, so test cases carry none."""
     checks = result["checks"]
+    timed = {"time": f"{result['elapsed_s']:.3f}"} if result.get("elapsed_s") is not None else {}
     suite = ET.Element("testsuite", name="xbackend check", tests=str(len(checks)),
                        failures=str(result["counts"]["fail"]), skipped=str(result["counts"]["skip"]),
-                       errors="0", time="0")
+                       errors="0", **timed)
     props = ET.SubElement(suite, "properties")
     for key in ("baseline", "seed", "steps"):
         ET.SubElement(props, "property", name=key, value=str(result[key]))
     ET.SubElement(props, "property", name="model", value=f"{result['model']['name']} ({result['model']['digest']})")
     for r in checks:
-        case = ET.SubElement(suite, "testcase", classname=r["backend"], name=r["check"], time="0")
+        case = ET.SubElement(suite, "testcase", classname=r["backend"], name=r["check"])
         if r["status"] == "fail":
             failure = ET.SubElement(case, "failure", message=r["message"], type=f"xbackend.{r['check']}")
             failure.text = json.dumps(r["figures"], indent=2, default=str)

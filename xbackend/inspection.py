@@ -47,10 +47,6 @@ class Loop:
     span: int
     pattern: tuple[int, ...]
 
-    @property
-    def repeats(self) -> float:
-        return self.span / self.period
-
 
 def entropy(trace: Trace, stream: str, temperature: float = ENTROPY_TEMPERATURE) -> np.ndarray:
     """Entropy (nats) of softmax(logits / temperature) at every step, read in blocks of steps."""

@@ -16,7 +16,6 @@ from .errors import XBackendError
 from .models import REFERENCE, ModelRef, tiny_codec
 
 DEFAULT_PROMPT = REFERENCE / "prompts" / "hello.wav"
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif")
 CODES_SUFFIXES = (".npy", ".safetensors")
 
 

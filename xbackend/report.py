@@ -31,7 +31,6 @@ PLOTS = "plots"
 BUNDLE_ROOT = "xbackend-bundle"
 BUNDLE_LIMIT = 10_000_000  # bytes: what an issue attachment comfortably takes
 WINDOW = 8  # steps kept either side of a divergence in the bundle (shrunk when over the limit)
-HEAD_STEPS = 16  # steps kept when nothing diverged
 TOP = 5
 LOG_FLOOR = 1e-15  # zeros (bitwise-equal steps) are drawn here on the log-scale plots
 _MD_RESERVE = 512_000  # bytes kept for report.md and tar/gzip framing when planning the bundle
@@ -311,7 +310,7 @@ def _wanted(run: RunDir, divs: list[Divergence], half: int) -> list[Window]:
             for v in d.views:
                 spans.setdefault((v.backend, v.run), []).append([d.step - half, d.step + half + 1])
     else:
-        for label in run.labels:
+        for label in run.labels:  # nothing diverged: the first 2 x half steps (16 at the full window)
             spans[(label, "native-0" if label == run.reference else "forced")] = [[0, 2 * half]]
     windows = []
     for (label, name), items in spans.items():
