@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from xbackend import Job, Sampler, SamplingSettings, StepRecorder, create_backend  # noqa: E402
-from xbackend.metrics import bench_diff  # noqa: E402
+from xbackend.bench import bench_diff  # noqa: E402
 from xbackend.models import MOSHI_7B_CONFIG, ModelRef, resolve_model  # noqa: E402
 from xbackend.prompt import load_prompt  # noqa: E402
 from xbackend.synthetic import MOSHI_7B_VOCAB, synthetic_trace  # noqa: E402
@@ -300,7 +300,7 @@ def bench_write(vocab: list[int], steps: int, work: Path) -> dict:
 
 
 def bench_diff_traces(steps: int, work: Path) -> dict:
-    """metrics.bench_diff on two synthetic 7B-vocabulary traces (cold reads where the OS allows)."""
+    """bench.bench_diff on two synthetic 7B-vocabulary traces (cold reads where the OS allows)."""
     a_path, b_path = work / "diff-a", work / "diff-b"
     start = time.perf_counter()
     for path, noise, noise_seed in ((a_path, 0.0, None), (b_path, 1e-3, 7)):

@@ -1,4 +1,4 @@
-"""The CLI as a user meets it: real subprocesses, exit codes of SPEC §5, one-line errors."""
+"""The CLI as a user meets it: real subprocesses, the exit codes of docs/design.md, one-line errors."""
 
 import json
 

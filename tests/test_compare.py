@@ -1,4 +1,4 @@
-"""Ground truth for the diagnosis: one scenario per verdict, built with the plugin API (SPEC §4).
+"""Ground truth for the diagnosis: one scenario per verdict, built with the plugin API (docs/design.md, Verdict rules).
 
 Every scenario runs the real `compare` protocol with worker subprocesses and asserts the exact
 verdict and the exact first-divergence step and stream.

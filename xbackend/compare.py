@@ -1,4 +1,4 @@
-"""`compare` and `repeat`: run the SPEC §4 protocol in one worker process per backend, then diagnose."""
+"""`compare` and `repeat`: run the protocol (docs/design.md, The protocol behind `compare`) in one worker process per backend, then diagnose."""
 
 from __future__ import annotations
 
@@ -301,7 +301,7 @@ def decode_audio(model, runs: dict[str, BackendRuns], out: Path, codec: str = "t
 
 
 def exit_code(report: dict) -> int:
-    """SPEC §5: 3 a backend failed or is unavailable, 1 a divergence or drift beyond tolerance, else 0."""
+    """3 a backend failed or is unavailable, 1 a divergence or drift beyond tolerance, else 0 (docs/design.md, Exit codes)."""
     if any(b["status"] != "ok" for b in report["backends"]):
         return 3
     ref = report.get("reference_repeatability")

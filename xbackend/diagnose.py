@@ -1,4 +1,4 @@
-"""The diagnosis of SPEC §4: repeatability, first divergences and one verdict per backend.
+"""The diagnosis (docs/design.md, Verdict rules): repeatability, first divergences and one verdict per backend.
 
 Pure functions on loaded traces: no framework, no I/O beyond reading the traces.
 """
@@ -101,7 +101,7 @@ def _earliest(a: Point | None, b: Point | None, streams: list[str]) -> Point | N
 
 
 def diagnose(ref: BackendRuns, other: BackendRuns, tolerance: float, window: int) -> tuple[dict, list[dict]]:
-    """The verdict for `other` against `ref` (SPEC §4), the first rule that holds with the others as
+    """The verdict for `other` against `ref` (docs/design.md, Verdict rules), the first rule that holds with the others as
     findings, and the drift records (teacher-forced and portable) behind it."""
     holds: dict[str, Point | None] = {}
     failed = _failure(ref, other)

@@ -1,4 +1,4 @@
-"""Compare two traces: may they be compared at all, and how far apart are they (SPEC §2, §4)?
+"""Compare two traces: may they be compared at all, and how far apart are they (docs/design.md: Same input, same weights, same rule; The protocol)?
 
 `comparability` is the check a user needs before reading any number: the same model, prompt,
 seed, sampling settings, alignment and streams, and a sampler pairing that makes sense (a

@@ -1,4 +1,4 @@
-"""Environment fingerprint: what a bug report needs to reproduce a run."""
+"""Environment fingerprint (docs/design.md, Contracts): what a bug report needs to reproduce a run."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The one exception family xbackend raises for things a user can fix.
 
 The CLI prints the message of an `XBackendError` on one line, without a traceback, and
-exits with its `exit_code` (SPEC §5: 2 bad input, 3 backend unavailable or failed).
+exits with its `exit_code`: 2 bad input, 3 backend unavailable or failed (docs/design.md, Exit codes).
 """
 
 from __future__ import annotations

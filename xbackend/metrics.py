@@ -1,4 +1,4 @@
-"""How far apart two traces are, step by step and stream by stream (SPEC §4.2-4.3), in numpy alone.
+"""How far apart two traces are, step by step and stream by stream (docs/design.md, The protocol), in numpy alone.
 
 Per step and stream, trace B against the reference A (their first min(steps) steps):
 
@@ -25,7 +25,7 @@ otherwise within one float32 rounding of Δ; identical logits give exactly 0 eve
 
 A logit that is NaN or ±inf in either trace makes that step's `max_abs` non-finite.
 
-## Tolerances (SPEC §4, §5)
+## Tolerances (docs/design.md, Tolerances)
 
 The tolerance of a tier bounds the per-step `max_abs` of a healthy run against an fp32 reference
 of the same weights; comparing two tiers uses the looser of the two (`tolerance(a, b)`).
@@ -42,7 +42,7 @@ of the same weights; comparing two tiers uses the looser of the two (`tolerance(
 fp32: same weights on the tiny model measured CPU vs MLX ~2e-6 and CPU vs CUDA ~1e-6 here.
 A 7B Moshi has 32 layers of width 4096 and logits of ±20, whose fp32 spacing alone is 2e-6,
 so its healthy cross-backend drift is expected 10-100x larger; 1e-3 keeps such runs inside
-while SPEC rule 2 (100 x tolerance = 0.1 logit within the first steps) still catches the ~1 logit
+while verdict rule 2 (100 x tolerance = 0.1 logit within the first steps) still catches the ~1 logit
 of wrong weights, config or alignment.
 
 ## Drift explains a divergence when
@@ -58,20 +58,9 @@ decisions record no margin (NaN): there the question has no answer (None).
 
 ## Speed
 
-`step_metrics` maps the `[steps, vocab]` files (no copy out of the page cache) and runs
-(block of 256 steps, stream) units on a thread pool (numpy releases the GIL); each unit asks
-the kernel to read two blocks ahead. Inside a unit, every metric of a cache-sized chunk of rows
-comes from whole-array numpy calls in the logits' dtype, never a Python loop over steps. Top-k
-thresholds: A's by group maxima for large vocabularies ((k+1)·g candidates instead of a full
-partition) or one partition; B's from A's (a value between A's k-th and (k+1)-th largest
-almost always splits B's logits k / rest too, which one comparison pass confirms).
-`bench_diff` times that against a plain read of the same files.
-
-Measured on the 2-core development VM (shared: another process often held one core), two
-3,750-step traces with Moshi-7B vocabularies (text 32000 + 8 x 2048 audio; 726 MB each),
-page cache dropped before each pass: plain read 0.8-1.8 GB/s; metrics 600-1040 MB/s
-(1,500-2,700 steps/s) at fp32-like drift, 450-790 MB/s at bf16-like drift; single-threaded
-CPU cost 1.4 s (fp32-like) to 2.0 s (bf16-like) for the pair, warm.
+`step_metrics` maps the `[steps, vocab]` files and runs (block of 256 steps, stream) units on a
+thread pool, every metric of a cache-sized chunk from whole-array numpy calls; docs/design.md
+("How fast diff is") says how, and what it measured. `xbackend.bench` times it.
 """
 
 from __future__ import annotations
@@ -80,11 +69,9 @@ import math
 import mmap
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -106,7 +93,6 @@ PERCENTILES = {"median": 50.0, "p90": 90.0, "p99": 99.0, "p999": 99.9}
 
 BLOCK_STEPS = 256
 _CHUNK_ELEMENTS = 1 << 18  # logits per numpy call: 1 MB per float32 temporary, cache-sized
-_READ_BUFFER = 32 << 20
 _INLINE_ELEMENTS = 1 << 22  # below this many logits per trace a thread pool costs more than it saves
 
 
@@ -589,97 +575,3 @@ def drift_explains(max_abs: float, margin_a: float, margin_b: float) -> bool | N
     if not margins or max_abs is None or math.isnan(max_abs):
         return None
     return bool(2.0 * max_abs >= min(margins))
-
-
-# --------------------------------------------------------------------------- throughput
-
-
-def trace_files(trace: Trace) -> list[Path]:
-    return [logits_file(trace, s) for s in trace.streams]
-
-
-def drop_page_cache(paths: Iterable[Path]) -> bool:
-    """Ask the kernel to forget cached pages of `paths` (cold-ish reads); False where unsupported."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages cannot be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return True
-
-
-def read_files(paths: Iterable[Path]) -> int:
-    """Read files start to end into one reused buffer (the baseline the metrics race); returns bytes."""
-    buf = memoryview(bytearray(_READ_BUFFER))
-    total = 0
-    for path in paths:
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                total += n
-    return total
-
-
-@dataclass(frozen=True)
-class Throughput:
-    """Plain read of both traces' logits files vs the full metrics over them."""
-
-    steps: int
-    bytes: int  # logits bytes the metrics read (both traces)
-    read_bytes: int  # bytes of the plain read (whole files)
-    cold: bool
-    read_s: float
-    diff_s: float
-    diff_cpu_s: float  # CPU seconds of this process (all threads) during the metrics
-
-    @property
-    def read_mb_s(self) -> float:
-        return self.read_bytes / self.read_s / 1e6
-
-    @property
-    def diff_mb_s(self) -> float:
-        return self.bytes / self.diff_s / 1e6
-
-    @property
-    def steps_per_s(self) -> float:
-        return self.steps / self.diff_s
-
-    @property
-    def ratio(self) -> float:
-        """Metrics speed over read speed in MB/s (1.0: as fast as reading)."""
-        return self.diff_mb_s / self.read_mb_s
-
-    def to_dict(self) -> dict:
-        return {"steps": self.steps, "bytes": self.bytes, "read_bytes": self.read_bytes, "cold": self.cold,
-                "read_s": self.read_s, "diff_cpu_s": self.diff_cpu_s,
-                "diff_s": self.diff_s, "read_mb_s": self.read_mb_s, "diff_mb_s": self.diff_mb_s,
-                "steps_per_s": self.steps_per_s, "ratio": self.ratio}
-
-
-def read_throughput(*traces: Trace, cold: bool = True) -> tuple[float, int]:
-    """(seconds, bytes) to read the traces' logits files, after dropping them from the page cache."""
-    paths = [p for t in traces for p in trace_files(t)]
-    if cold:
-        drop_page_cache(paths)
-    start = time.perf_counter()
-    nbytes = read_files(paths)
-    return time.perf_counter() - start, nbytes
-
-
-def bench_diff(a: Trace, b: Trace, *, cold: bool = True, block: int = BLOCK_STEPS,
-               workers: int | None = None) -> Throughput:
-    """Time a plain read of both traces' logits, then `step_metrics` over them, each cold-ish."""
-    paths = trace_files(a) + trace_files(b)
-    n = min(a.steps, b.steps)
-    read_s, read_bytes = read_throughput(a, b, cold=cold)
-    dropped = drop_page_cache(paths) if cold else False
-    start, cpu = time.perf_counter(), time.process_time()
-    step_metrics(a, b, block=block, workers=workers)
-    diff_s, diff_cpu_s = time.perf_counter() - start, time.process_time() - cpu
-    row = sum(a.meta["vocab"]) * (np.dtype(a.meta["logits_dtype"]).itemsize
-                                  + np.dtype(b.meta["logits_dtype"]).itemsize)
-    return Throughput(steps=n, bytes=n * row, read_bytes=read_bytes, cold=dropped, read_s=read_s, diff_s=diff_s,
-                      diff_cpu_s=diff_cpu_s)

@@ -1,4 +1,4 @@
-"""Sampler modes (SPEC §3): who decides each token, and the margin of every decision.
+"""Sampler modes (docs/design.md, Sampler modes): who decides each token, and the margin of every decision.
 
 Every decision except `native` is a pure function of the captured logits and of
 (seed, step, stream), computed here in numpy, so that it is identical on every backend.

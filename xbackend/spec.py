@@ -1,4 +1,4 @@
-"""Backend and codec specs: `NAME[:DEVICE][:DTYPE][:QUANT]`, parsed into a frozen value.
+"""Backend and codec specs: `NAME[:DEVICE][:DTYPE][:QUANT]` (docs/design.md, Words), parsed into a frozen value.
 
 A quantized tier keeps its activation dtype: moshi_mlx ships bf16 weights quantized to q8/q4
 (`local.py` casts to bf16, then quantizes), which is not fp32 + q8, so both stay in the label.

@@ -1,4 +1,4 @@
-"""Step traces (SPEC §5): one directory per run, loadable with numpy alone, written step by step.
+"""Step traces (docs/design.md, Trace format): one directory per run, loadable with numpy alone, written step by step.
 
 Layout of a trace directory:
 
