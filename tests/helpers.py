@@ -4,6 +4,7 @@ in a subprocess, one capture helper, and a registry scope that undoes every regi
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import importlib.util
 import os
@@ -36,6 +37,28 @@ _skip_mlx = pytest.mark.skipif(not HAVE_MLX, reason="mlx or moshi_mlx not instal
 def needs_mlx(test):
     """Mark an MLX test: the `mlx` marker selects it (`-m mlx`), the skip says why it did not run here."""
     return pytest.mark.mlx(_skip_mlx(test))
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable(spec: str) -> str | None:
+    """Why `spec` cannot run on this machine, or None when it can."""
+    from xbackend import create_backend
+
+    return create_backend(spec).unavailable_reason()
+
+
+def hardware(spec: str) -> list:
+    """The markers of a test that runs `spec`: mps, cuda, mlx (and mlx_gpu for Metal) select it."""
+    name, *rest = spec.split(":")
+    marks = {"mps": [pytest.mark.mps], "cuda": [pytest.mark.cuda], "mlx": [pytest.mark.mlx]}.get(name, [])
+    if name == "mlx" and "cpu" not in rest:
+        marks.append(pytest.mark.mlx_gpu)  # `mlx` and `mlx:gpu` use Metal on a Mac
+    return marks
+
+
+def without(spec: str):
+    """For a test of what a machine lacking `spec` says: skipped where `spec` runs."""
+    return pytest.mark.skipif(unavailable(spec) is None, reason=f"{spec} runs here; the test is about a machine without it")
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

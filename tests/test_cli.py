@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from .helpers import assert_clean_error, needs_tiny, run_cli
+from .helpers import assert_clean_error, needs_tiny, run_cli, unavailable, without
 
 pytestmark = needs_tiny
 
@@ -26,12 +26,15 @@ def test_backends_table_lists_every_builtin():
 
     if sys.platform != "darwin":  # which condition failed, in torch's own terms
         assert "MPS needs macOS 14 or newer on Apple silicon" in proc.stdout and "is_built() False" in proc.stdout
+    for spec in ("cuda", "mps", "mlx:gpu"):
+        reason = unavailable(spec)
+        assert (f"no: {reason}" if reason else spec) in proc.stdout
 
 
 @pytest.mark.parametrize("args,code,needles", [
     (["--backend", "tpu"], 2, ["Unknown backend 'tpu'", "registered backends are"]),
     (["--backend", "cpu:fp8"], 2, ["cpu:fp8"]),
-    (["--backend", "mps"], 3, ["unavailable", "MPS"]),
+    pytest.param(["--backend", "mps"], 3, ["unavailable", "MPS"], marks=[pytest.mark.mps, without("mps")]),
     (["--backend", "cuda:fp64"], 2, ["fp64"]),
     (["--prompt", "/nonexistent/x.wav"], 2, ["does not exist"]),
     (["--sampler", "random"], 2, ["Unknown sampler"]),

@@ -10,11 +10,11 @@ from xbackend.models import resolve_model
 from xbackend.prompt import load_prompt
 from xbackend.trace import step_digest
 
-from .helpers import needs_tiny, registry_scope
+from .helpers import hardware, needs_tiny, registry_scope
 
 pytestmark = needs_tiny
 
-SPECS = list(BUILTIN_SPECS) + ["contract-identity"]
+SPECS = [pytest.param(spec, marks=hardware(spec)) for spec in BUILTIN_SPECS] + ["contract-identity"]
 STEPS = 6
 
 
