@@ -265,3 +265,30 @@ def test_failed_reference_blames_no_one_else(tmp_path):
     assert report["not_diagnosed"][0]["backend"] == "cpu" and "reference nan" in report["not_diagnosed"][0]["reason"]
     assert next(b for b in report["backends"] if b["name"] == "cpu")["status"] == "ok"
     assert exit_code(report) == 3
+
+
+def test_clearing_a_reused_run_directory_removes_only_what_xbackend_wrote(tmp_path):
+    from xbackend.compare import clear_previous_run
+    from xbackend.synthetic import synthetic_trace
+
+    out = tmp_path / "run"
+    for label, run in (("cpu", "native-0"), ("mlx_cpu", "native-0"), ("mlx_cpu", "portable")):
+        synthetic_trace(out / "traces" / label / run, steps=2, vocab=(8, 8))
+    (out / "report.json").write_text(json.dumps({"traces": {"cpu": "traces/cpu", "mlx:cpu": "traces/mlx_cpu"},
+                                                 "audio": {"mlx:cpu": "audio/mlx_cpu.wav"}}))
+    for rel in ("audio/mlx_cpu.wav", "plots/drift-mlx_cpu.png", "report.md", "bundle.tar.gz", "prompt_codes.npy"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(b"x")
+    (out / "jobs").mkdir()
+    (out / "jobs" / "mlx_cpu.json").write_text(json.dumps({"plugins": [], "runs": []}))
+    mine = {"traces/mlx_cpu/portable/notes.txt": "mine", "audio/interview.wav": "mine", "plots/mine.png": "mine",
+            "jobs/todo.json": "[1]", "traces/other/meta.json": '{"schema": "someone-else/1"}', "README": "mine"}
+    for rel, text in mine.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+
+    removed = clear_previous_run(out)
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == sorted(mine)
+    assert not (out / "traces" / "cpu").exists() and not (out / "traces" / "mlx_cpu" / "native-0").exists()
+    assert len(removed) == 3 * 7 + 1 + 4 + 2  # 3 traces of 7 files (2 streams), the job, 4 run files, audio and plot

@@ -21,8 +21,8 @@ from .diagnose import BackendRuns, diagnose, explain, repeatability
 from .errors import BackendFailed, XBackendError
 from .metrics import tolerance
 from .codecs import describe_codec
-from .models import resolve_model, tiny_codec
-from .prompt import load_prompt
+from .models import ModelRef, resolve_model, tiny_codec
+from .prompt import Prompt, load_prompt
 from .samplers import SamplingSettings
 from .spec import parse_specs
 from .trace import Trace, TruncatedTraceWarning, load_trace, write_json_atomic
@@ -159,6 +159,19 @@ def collect(label: str, tier: str, outcomes: list[RunOutcome]) -> BackendRuns:
                        portable=traces.get("portable"), forced=traces.get("forced"), failures=failures)
 
 
+def start_run(req: CompareRequest, base: CaptureRequest, out: Path) -> tuple[ModelRef, Prompt, CaptureRequest]:
+    """Resolve the model, encode the prompt once, and take `out` over for this run: what an earlier
+    run wrote there goes, and the prompt codes every backend will receive are written."""
+    model = resolve_model(req.model, req.model_config)
+    if req.decode_audio and model.dep_q:
+        check_decoder(req.codec, model)  # before anything is written: a codec that cannot decode is bad input
+    prompt = load_prompt(req.prompt, model, req.steps)
+    out.mkdir(parents=True, exist_ok=True)
+    clear_previous_run(out)
+    np.save(out / "prompt_codes.npy", prompt.codes)
+    return model, prompt, replace(base, prompt=str(out / "prompt_codes.npy"))
+
+
 def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None = None,
                 min_backends: int = 1) -> dict:
     """Run every backend through the protocol and write `report.json` (and audio) to `out`.
@@ -180,14 +193,7 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
     base = CaptureRequest(backend="", model=req.model, model_config=req.model_config, seed=req.seed,
                           steps=req.steps, alignment=req.alignment, settings=req.settings)
     check_request(base)
-    model = resolve_model(req.model, req.model_config)
-    if req.decode_audio and model.dep_q:
-        check_decoder(req.codec, model)
-    prompt = load_prompt(req.prompt, model, req.steps)
-    out.mkdir(parents=True, exist_ok=True)
-    clear_previous_run(out)
-    np.save(out / "prompt_codes.npy", prompt.codes)
-    base = replace(base, prompt=str(out / "prompt_codes.npy"))
+    model, prompt, base = start_run(req, base, out)
     labels = unique_labels([str(s) for s in specs])
     backends: list[dict] = []
     runs: dict[str, BackendRuns] = {}
@@ -329,12 +335,7 @@ def run_repeat(req: CompareRequest, out: str | Path, on_event: EventFn | None = 
     if req.repeats < 2:
         raise XBackendError(f"--runs must be at least 2 to say anything about repeatability, got {req.repeats}")
     require_available(create_backend(spec))
-    model = resolve_model(req.model, req.model_config)
-    prompt = load_prompt(req.prompt, model, req.steps)
-    out.mkdir(parents=True, exist_ok=True)
-    clear_previous_run(out)
-    np.save(out / "prompt_codes.npy", prompt.codes)
-    base = replace(base, prompt=str(out / "prompt_codes.npy"))
+    model, prompt, base = start_run(req, base, out)
     label = str(spec)
     runs = [{"name": f"{label}/run-{i}", "out": str(out / "traces" / f"run-{i}"),
              "request": request_to_json(replace(base, run_index=i))} for i in range(req.repeats)]
