@@ -72,9 +72,23 @@ def test_baseline_create_then_check_one_backend(tmp_path):
     assert {"model", "prompt", "seed", "steps", "settings", "alignment", "expected", "xbackend_version"} <= set(baseline)
     assert (out / "prompt_codes.npy").is_file()
     assert sorted(p.name for p in (out / "traces" / "cpu").iterdir()) == ["native-0", "portable"]
-    proc = run_cli("check", "--baseline", str(out))
+    proc = run_cli("check", "--baseline", str(out), "--out", str(tmp_path / "run"), "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "PASSED" in proc.stdout
+    fresh = json.loads(proc.stdout)
+    assert fresh["passed"] and fresh["counts"]["fail"] == 0
+
+    # the same run, recorded, checked again without running anything: the same checks and figures
+    proc = run_cli("check", "--baseline", str(out), "--run", str(tmp_path / "run"), "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recorded = json.loads(proc.stdout)
+    assert recorded["checks"] == fresh["checks"] and recorded["run_dir"] == str(tmp_path / "run")
+
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    report["request"]["seed"] = 7
+    (tmp_path / "run" / "report.json").write_text(json.dumps(report))
+    assert_clean_error(run_cli("check", "--baseline", str(out), "--run", str(tmp_path / "run")), 2,
+                       "was not made like baseline", "its seed is 7")
+    assert_clean_error(run_cli("check", "--baseline", str(out), "--run", str(tmp_path)), 2, "No report.json")
 
 
 def test_drift_counts_only_steps_with_the_same_inputs(tmp_path):

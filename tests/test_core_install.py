@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from .helpers import ROOT, synthetic_run
+from .helpers import ROOT, needs_tiny, run_cli, synthetic_run
 
 pytestmark = pytest.mark.slow
 FRAMEWORKS = ("torch", "moshi", "mlx", "moshi-mlx", "moshi_mlx")
@@ -91,6 +91,20 @@ def test_report_diff_and_inspect_a_bundle(core, tmp_path):
     proc = xb(venv, "inspect", str(mps), "--against", str(cpu), "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["against"]["first_divergence"]["step"] == 30 - start
+
+
+@needs_tiny
+def test_check_a_recorded_run_against_a_baseline(core, tmp_path):
+    """Recorded where the backends run (here, with torch), checked where none is installed."""
+    venv, _ = core
+    base, run = tmp_path / "base", tmp_path / "run"
+    made = run_cli("baseline", "create", "--backends", "cpu", "--steps", "4", "--repeats", "2", "--out", str(base))
+    assert made.returncode == 0, made.stderr
+    assert run_cli("check", "--baseline", str(base), "--out", str(run)).returncode == 0
+    proc = xb(venv, "check", "--baseline", str(base), "--run", str(run), "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["passed"] and {c["check"] for c in result["checks"]} == {"logits", "tokens", "repeatability"}
 
 
 def test_ci_runs_exactly_the_readme_test_command():

@@ -212,6 +212,36 @@ def request_from_baseline(baseline: dict, path: Path, *, model: str | None, seed
                           plugins=plugins, decode_audio=False)
 
 
+def recorded_run(baseline: dict, base_dir: Path, run_dir: Path) -> dict:
+    """The report.json of a run recorded earlier (`compare`, `check --out`), once it is clear that the
+    run repeats what the baseline ran: same backends, model, prompt codes, seed, steps, repeats,
+    alignment and sampling settings. Checking it runs nothing, so it needs no backend installed."""
+    file = run_dir / "report.json"
+    if not file.is_file():
+        raise XBackendError(f"No report.json in {run_dir}", asked="--run takes a run directory written by "
+                            "`xbackend compare` or `xbackend check --out`", fix="pass such a directory, or drop --run")
+    try:
+        report = json.loads(file.read_text())
+        r = report["request"]
+        got = {"backends": list(r["backends"]), "model digest": r["model_digest"], "prompt digest": r["prompt"]["digest"],
+               "seed": r["seed"], "steps": r["steps"], "repeats": r["repeats"], "alignment": r["alignment"],
+               "sampling settings": SamplingSettings(**r["settings"])}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise XBackendError(f"{file} is not a report of `xbackend compare` ({type(exc).__name__}: {exc})",
+                            fix="pass a run directory written by `xbackend compare` or `xbackend check --out`") from None
+    want = {"backends": list(baseline["backends"]), "model digest": baseline["model"]["digest"],
+            "prompt digest": baseline["prompt"]["digest"], "seed": baseline["seed"], "steps": baseline["steps"],
+            "repeats": baseline["repeats"], "alignment": baseline["alignment"],
+            "sampling settings": SamplingSettings(**baseline["settings"])}
+    for key, value in want.items():
+        if got[key] != value:
+            raise XBackendError(f"Run {run_dir} was not made like baseline {base_dir}: its {key} is {got[key]}, "
+                                f"the baseline's {value}",
+                                fix=f"record the run with `xbackend check --baseline {base_dir} --out DIR`, "
+                                "or check without --run")
+    return report
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -324,16 +354,27 @@ def backend_checks(label: str, baseline: dict, base_dir: Path, report: dict, run
 
 def run_check(baseline_dir: str | Path, *, model: str | None = None, seed: int | None = None,
               steps: int | None = None, tolerances: dict[str, float] | None = None, plugins: tuple[str, ...] = (),
-              timeout: float = 600.0, out: str | Path | None = None, on_event: EventFn | None = None) -> dict:
-    """Run the baseline's backends again and hold them to the committed traces; returns the result."""
+              timeout: float = 600.0, out: str | Path | None = None, on_event: EventFn | None = None,
+              run: str | Path | None = None) -> dict:
+    """Run the baseline's backends again (or read the run recorded in `run`) and hold them to the
+    committed traces; returns the result."""
     started = time.perf_counter()
     base_dir = Path(baseline_dir)
     baseline = load_baseline(base_dir)
     table = dict(tolerances or CHECK_TOLERANCES)
-    req = request_from_baseline(baseline, base_dir, model=model, seed=seed, steps=steps, plugins=plugins, timeout=timeout)
+    if run is not None and out is not None:
+        raise XBackendError("--run and --out exclude each other", asked="--run checks a run recorded earlier, "
+                            "--out keeps the run that check makes", fix="drop one of them")
+    if run is None or model is not None or seed is not None or steps is not None:
+        req = request_from_baseline(baseline, base_dir, model=model, seed=seed, steps=steps, plugins=plugins,
+                                    timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="xbackend-check-") as tmp:
-        run_dir = Path(out) if out is not None else Path(tmp)
-        report = run_compare(req, run_dir, on_event)
+        if run is not None:
+            run_dir = out = Path(run)
+            report = recorded_run(baseline, base_dir, run_dir)
+        else:
+            run_dir = Path(out) if out is not None else Path(tmp)
+            report = run_compare(req, run_dir, on_event)
         results = [r for label in baseline["traces"]
                    for r in backend_checks(label, baseline, base_dir, report, run_dir, table)]
     failed_run = any(r.check == "run" and r.failed for r in results)

@@ -508,18 +508,21 @@ def check(
     steps: Optional[int] = typer.Option(None, help="Must equal the baseline's steps if given."),
     timeout: float = TIMEOUT_OPT,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Keep the fresh run directory here (default: temporary)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Check this run directory, recorded earlier by `compare` or "
+                                       "`check --out`, instead of running the backends (needs no backend installed)."),
     plugin: Optional[List[Path]] = PLUGIN_OPT,
     as_json: bool = JSON_OPT,
     json_out: Optional[Path] = JSON_OUT_OPT,
 ) -> None:
-    """Pre-release gate: run the baseline's backends again and hold them to its committed traces."""
+    """Pre-release gate: run the baseline's backends again (or read a recorded run) and hold them to its
+    committed traces."""
     from .check import load_tolerances, run_check
 
     table = load_tolerances(tolerances) if tolerances else None
     progress, on_event = run_progress()
     with progress:
         result = run_check(baseline, model=model, seed=seed, steps=steps, tolerances=table, timeout=timeout,
-                           plugins=tuple(str(p) for p in plugin or []), out=out, on_event=on_event)
+                           plugins=tuple(str(p) for p in plugin or []), out=out, on_event=on_event, run=run)
     if junit:
         from .check import junit_xml
 
