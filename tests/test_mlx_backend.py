@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import xbackend
-from xbackend import CaptureRequest, XBackendError, capture, register_backend, wrap_backend
+from xbackend import XBackendError, register_backend, wrap_backend
 from xbackend.models import resolve_model, to_published_layout
 
 from .helpers import HAVE_MLX, assert_clean_error, needs_mlx, needs_tiny, run_cli

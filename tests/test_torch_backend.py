@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import xbackend
-from xbackend import CaptureRequest, capture
 from xbackend.models import resolve_model
 
 from .helpers import PEER, needs_peer, needs_tiny, run
