@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import numbers
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -13,8 +15,6 @@ from typer.core import TyperCommand, TyperGroup
 from .capture import DEFAULT_SEED
 from .errors import XBackendError
 from .samplers import SamplingSettings
-
-
 
 METAVARS = {"Path": "PATH", "str": "TEXT", "int": "INTEGER", "float": "NUMBER"}
 
@@ -50,6 +50,8 @@ class Command(TyperCommand):
 
 
 class Group(TyperGroup):
+    """The command groups (`xbackend`, `xbackend baseline`), with the same plain help."""
+
     def get_params(self, ctx) -> list:
         return plain_help(super().get_params(ctx))
 
@@ -83,13 +85,28 @@ def settings_options(temp_text: float, top_k_text: int, temp_audio: float, top_k
 def emit(data: dict | list, as_json: bool, json_out: Optional[Path], text: Callable[[], None]) -> None:
     """The one way a command hands over its result: JSON on stdout (`--json`), into a file
     (`--json-out FILE`), and the text output unless `--json` replaced it."""
-    dumped = json.dumps(data, indent=2, default=str)
+    dumped = json.dumps(json_safe(data), indent=2, default=str, allow_nan=False)
     if json_out is not None:
         json_out.write_text(dumped + "\n")
     if as_json:
         typer.echo(dumped)
     else:
         text()
+
+
+def json_safe(value):
+    """Strict JSON: NaN and infinities (no margin, a non-finite drift) become null."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):  # numpy's integers too
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def version_callback(value: bool) -> None:
