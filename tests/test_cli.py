@@ -225,3 +225,12 @@ def test_reusing_an_out_directory_leaves_no_stale_runs(tmp_path):
     (out / "traces" / "notes.txt").write_text("mine")
     assert run_cli("repeat", "--runs", "2", "--steps", "2", "--out", str(out)).returncode == 0
     assert sorted(p.name for p in (out / "traces").iterdir()) == ["notes.txt", "run-0", "run-1"]
+
+
+def test_json_is_strict():
+    import numpy as np
+
+    from xbackend.cli import json_safe
+
+    got = json_safe({"nan": float("nan"), "inf": [np.float32("inf"), np.float64(0.5)], "n": np.int64(3), "ok": True})
+    assert json.dumps(got, allow_nan=False) == '{"nan": null, "inf": [null, 0.5], "n": 3, "ok": true}'
