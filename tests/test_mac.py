@@ -12,7 +12,7 @@ import pytest
 from xbackend import env
 from xbackend.errors import BackendFailed, BackendUnavailable, XBackendError
 
-from .conftest import ROOT, have, needs_tiny
+from .helpers import ROOT, have, needs_tiny
 
 needs_torch = pytest.mark.skipif(not (have("torch") and have("moshi")), reason="torch or moshi not installed")
 

@@ -13,12 +13,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("moshi")
 
 import xbackend  # noqa: E402
-from xbackend import BackendFailed, CaptureRequest, XBackendError, capture  # noqa: E402
-from xbackend.backends import _FACTORIES  # noqa: E402
+from xbackend import BackendFailed, XBackendError  # noqa: E402
 from xbackend.spec import BackendSpec  # noqa: E402
 
 from . import simulated_mps as sim  # noqa: E402
-from .conftest import assert_clean_error, needs_tiny, run_cli  # noqa: E402
+from .helpers import assert_clean_error, needs_tiny, run, run_cli  # noqa: E402
 
 pytestmark = needs_tiny
 STEPS = 6
@@ -26,7 +25,7 @@ PLUGIN = str(Path(sim.__file__))
 
 
 @pytest.fixture
-def made(monkeypatch):
+def made(registry):
     """Registers the simulation as `mps` (and the negative control) for one test; returns the instances made."""
     instances = []
 
@@ -37,13 +36,9 @@ def made(monkeypatch):
             return backend
         return make
 
-    monkeypatch.setitem(_FACTORIES, "mps", factory(sim.SimulatedMps))
-    monkeypatch.setitem(_FACTORIES, "mps-rules-on-cpu", factory(sim.RulesBackend))
+    xbackend.register_backend("mps", factory(sim.SimulatedMps))
+    xbackend.register_backend("mps-rules-on-cpu", factory(sim.RulesBackend))
     return instances
-
-
-def run(tmp_path, name, **kw):
-    return capture(CaptureRequest(**kw), tmp_path / name)
 
 
 @pytest.mark.parametrize("mode", ["native", "portable", "greedy", "forced"])
@@ -132,7 +127,7 @@ def test_mps_exponential_bug_is_caught(tmp_path, made, monkeypatch):
             super().__init__(spec)
             self.on_logits = underflowing
 
-    monkeypatch.setitem(_FACTORIES, "mps", Hooked)
+    xbackend.register_backend("mps", Hooked)
     healthy = run(tmp_path, "healthy", backend="mps", steps=2)
     assert healthy.tokens[0, 0] == 3
 
