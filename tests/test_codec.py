@@ -11,12 +11,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, TINY, assert_clean_error, have, needs_tiny, run_cli
+from tests.helpers import ROOT, TINY, assert_clean_error, have, needs_mlx, needs_tiny, run_cli
 from xbackend.codecs.base import FRAME_SIZE, SAMPLE_RATE
 
 needs_torch = pytest.mark.skipif(not (have("torch") and have("moshi")), reason="needs torch and moshi")
 needs_candle = pytest.mark.skipif(not have("rustymimi"), reason="needs rustymimi")
-needs_mlx = pytest.mark.skipif(not have("moshi_mlx"), reason="needs mlx and moshi_mlx")
 BLOCK = """
 import importlib.abc, runpy, sys
 class Block(importlib.abc.MetaPathFinder):
