@@ -77,7 +77,7 @@ def forced_plan(source: str, model: ModelRef, steps: int) -> tuple[np.ndarray, n
 def make_sampler(req: CaptureRequest, model: ModelRef) -> tuple[Sampler, np.ndarray | None]:
     mode, arg = parse_mode(req.sampler)
     if mode != "forced":
-        return Sampler(mode, req.seed, req.settings), None
+        return Sampler(mode, req.seed, req.settings, dep_q=model.dep_q), None
     tokens, user = forced_plan(arg, model, req.steps)
     return Sampler(mode, req.seed, req.settings, forced_tokens=tokens, forced_from=str(arg)), user
 
@@ -103,6 +103,7 @@ def capture(req: CaptureRequest, out: str | Path,
     else:
         prompt = load_prompt(req.prompt, model, req.steps)
     job = Job(model, prompt.codes, req.steps, req.seed, sampler, req.alignment, req.run_index)
+    backend.host_decisions = sampler.host_only
     meta = {
         "backend": backend.label, "library": backend.library, "spec": dataclasses.asdict(backend.spec),
         "model": model.describe(), "prompt": prompt.describe(), "seed": req.seed,

@@ -23,7 +23,7 @@ from .metrics import tolerance
 from .codecs import describe_codec
 from .models import ModelRef, resolve_model, tiny_codec
 from .prompt import Prompt, load_prompt
-from .samplers import SamplingSettings
+from .samplers import SamplingSettings, parse_mode
 from .spec import parse_specs
 from .trace import Trace, TruncatedTraceWarning, load_trace, write_json_atomic
 from .worker import RunOutcome, request_to_json, run_worker
@@ -47,6 +47,20 @@ class CompareRequest:
     plugins: tuple[str, ...] = ()
     decode_audio: bool = True
     codec: str = "torch:cpu"  # the codec spec that decodes each backend's audio tokens
+    sampler: str | None = None  # compare: the comparable free runs' (portable | candle); repeat: the runs' (native)
+
+
+FREE_RUN_SAMPLERS = ("portable", "candle")
+
+
+def free_run_sampler(req: CompareRequest) -> str:
+    """The sampler of compare's comparable free runs: decisions that depend on the logits only."""
+    mode = req.sampler or "portable"
+    if mode not in FREE_RUN_SAMPLERS:
+        raise XBackendError(f"compare's free runs cannot use the {mode!r} sampler",
+                            asked=f"available are {', '.join(FREE_RUN_SAMPLERS)} (native runs are always made too)",
+                            fix="pass --sampler portable or --sampler candle")
+    return mode
 
 
 def safe_name(label: str) -> str:
@@ -133,10 +147,13 @@ def load_partial(path: Path) -> Trace | None:
         return None
 
 
-def _runs(label: str, base: CaptureRequest, out: Path, repeats: int, forced_from: Path | None) -> list[dict]:
+def _runs(label: str, base: CaptureRequest, out: Path, repeats: int, forced_from: Path | None,
+          free_sampler: str = "portable") -> list[dict]:
+    """Every run of one backend. The comparable free run is named `portable` whichever sampler
+    made it (its meta.json says which: portable, or candle)."""
     spec = label.split("#")[0]
     runs = [(f"native-{i}", replace(base, backend=spec, sampler="native", run_index=i)) for i in range(repeats)]
-    runs.append(("portable", replace(base, backend=spec, sampler="portable", run_index=repeats)))
+    runs.append(("portable", replace(base, backend=spec, sampler=free_sampler, run_index=repeats)))
     if forced_from is not None:
         runs.append(("forced", replace(base, backend=spec, sampler=f"forced:{forced_from}", run_index=repeats + 1)))
     d = out / "traces" / safe_name(label)
@@ -188,6 +205,7 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
         raise XBackendError(f"--repeats must be at least 1, got {req.repeats}")
     if req.timeout <= 0:
         raise XBackendError(f"--timeout must be positive, got {req.timeout}")
+    free_sampler = free_run_sampler(req)
     for plugin in req.plugins:
         load_plugin(plugin)
     base = CaptureRequest(backend="", model=req.model, model_config=req.model_config, seed=req.seed,
@@ -212,7 +230,7 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
                 on_event({"event": "unavailable", "name": label, "error": reason})
             continue
         job = {"plugins": [str(p) for p in req.plugins],
-               "runs": _runs(label, base, out, req.repeats, forced_from)}
+               "runs": _runs(label, base, out, req.repeats, forced_from, free_sampler)}
         outcomes = run_worker(job, job_dir / f"{safe_name(label)}.json", req.timeout, on_event)
         runs[label] = collect(label, spec.tier, outcomes)
         if label == labels[0] and runs[label].status == "ok":
@@ -266,7 +284,7 @@ def build_report(req: CompareRequest, model, prompt, labels: list[str], backends
         "request": {"backends": list(req.backends), "model": model.name, "model_config": req.model_config,
                     "model_digest": model.digest,
                     "prompt": prompt.describe(), "seed": req.seed, "steps": req.steps, "repeats": req.repeats,
-                    "timeout": req.timeout, "alignment": req.alignment,
+                    "timeout": req.timeout, "alignment": req.alignment, "sampler": req.sampler or "portable",
                     "settings": req.settings.__dict__, "plugins": list(req.plugins)},
         "reference": labels[0],
         "reference_repeatability": next((r for r in repeat if r["backend"] == labels[0]), None),
@@ -330,8 +348,12 @@ def run_repeat(req: CompareRequest, out: str | Path, on_event: EventFn | None = 
     for plugin in req.plugins:
         load_plugin(plugin)
     base = CaptureRequest(backend=str(spec), model=req.model, model_config=req.model_config, prompt=req.prompt,
-                          seed=req.seed, steps=req.steps, alignment=req.alignment, settings=req.settings)
+                          seed=req.seed, steps=req.steps, alignment=req.alignment, settings=req.settings,
+                          sampler=req.sampler or "native")
     check_request(base)
+    if parse_mode(base.sampler)[0] == "forced":
+        raise XBackendError("repeat cannot use the forced sampler", asked=f"--sampler {base.sampler}",
+                            fix="pass --sampler native, portable, greedy or candle")
     if req.repeats < 2:
         raise XBackendError(f"--runs must be at least 2 to say anything about repeatability, got {req.repeats}")
     require_available(create_backend(spec))

@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import XBackendError
 
-MODES = ("native", "portable", "greedy", "forced")
+MODES = ("native", "portable", "greedy", "forced", "candle")
 _MASK64 = (1 << 64) - 1
 
 
@@ -29,6 +29,14 @@ class SamplingSettings:
     def for_stream(self, stream: int) -> tuple[float, int]:
         """(temperature, top_k) for stream index `stream` (0 is text)."""
         return (self.temp_text, self.top_k_text) if stream == 0 else (self.temp_audio, self.top_k_audio)
+
+
+RUST_CLI_SETTINGS = SamplingSettings(temp_text=0.8, top_k_text=250, temp_audio=0.8, top_k_audio=250)
+
+
+def default_settings(mode: str) -> SamplingSettings:
+    """The settings a mode runs with unless told otherwise: the Rust CLI's for candle, else LMGen's."""
+    return RUST_CLI_SETTINGS if mode == "candle" else SamplingSettings()
 
 
 @dataclass(frozen=True)
@@ -126,16 +134,32 @@ class Sampler:
     settings: SamplingSettings = field(default_factory=SamplingSettings)
     forced_tokens: np.ndarray | None = None  # [steps, streams], -1 where the model decides
     forced_from: str | None = None
+    dep_q: int | None = None  # audio streams per step (lines candle's audio RNG words up with steps)
+
+    def __post_init__(self) -> None:
+        self._candle = None
+        if self.mode == "candle":  # the Rust CLI: text and audio processors seeded with the same seed
+            from .candle import CandleStreams
+
+            self._candle = CandleStreams(self.seed, self.seed, self.settings, dep_q=self.dep_q)
 
     @property
     def native(self) -> bool:
         return self.mode == "native"
+
+    @property
+    def host_only(self) -> bool:
+        """Decisions no device path reproduces (candle's sampler runs on the host only)."""
+        return self.mode == "candle"
 
     def decide(self, step: int, stream: int, logits: np.ndarray) -> Decision:
         """Token and margin for a non-native mode; `logits` is a 1-D numpy vector."""
         temp, top_k = self.settings.for_stream(stream)
         if self.mode == "portable":
             return portable(logits, temp, top_k, self.seed, step, stream)
+        if self._candle is not None:
+            d = self._candle.decide(step, stream, logits)
+            return Decision(d.token, d.logit_margin)
         if self.mode == "forced":
             token = self.forced_token(step, stream)
             if token >= 0:
@@ -155,6 +179,8 @@ class Sampler:
             out["forced_from"] = self.forced_from
         if self.mode == "portable":
             out["noise"] = "gumbel from Philox4x64-10 keyed by (seed, step<<16|stream), float64"
+        if self._candle is not None:
+            out.update(self._candle.describe())
         return out
 
 
@@ -165,7 +191,7 @@ def parse_mode(text: str) -> tuple[str, str | None]:
     if mode not in MODES:
         raise XBackendError(
             f"Unknown sampler {text!r}",
-            asked=f"available are {', '.join(MODES[:3])} and forced:PATH (a trace or a codes file)",
+            asked="available are native, portable, greedy, candle and forced:PATH (a trace or a codes file)",
             fix="pass e.g. --sampler portable",
         )
     if mode == "forced" and not arg:

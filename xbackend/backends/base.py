@@ -152,6 +152,7 @@ class Backend:
     library = ""
     extra = ""  # the xbackend extra that installs `library` (pyproject.toml), "" for plugins
     consumes_late = False  # True when the library consumes user codes one step after they are passed
+    host_decisions = False  # set when the sampler runs on the host only (candle): no device-side decisions
 
     def __init__(self, spec: BackendSpec):
         self.spec = spec

@@ -170,7 +170,7 @@ class TorchBackend(Backend):
             raise XBackendError(f"Unknown capture path {asked!r}",
                                 asked=f"{CAPTURE_PATH_ENV} takes host, device or auto",
                                 fix=f"unset {CAPTURE_PATH_ENV}, or set it to host or device")
-        if self.on_logits is not None or asked == "host":
+        if self.on_logits is not None or asked == "host" or self.host_decisions:
             return "host"
         if self.spec.name == "mps":
             if asked == "device":
