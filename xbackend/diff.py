@@ -153,6 +153,7 @@ class DiffResult:
     reasons: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     metrics: StepMetrics | None = field(default=None, repr=False)
+    logits_compared: bool = True  # False when either is a token trace (an imported run): tokens only
 
     @property
     def max_abs(self) -> float:
@@ -182,6 +183,7 @@ class DiffResult:
                                 if self.first_nonfinite else None),
             "logits_identical": self.logits_identical, "tokens_identical": self.tokens_identical,
             "forced": self.forced, "reasons": list(self.reasons), "notes": list(self.notes),
+            "logits_compared": self.logits_compared,
         }
         if per_step and self.metrics is not None:
             m = self.metrics
@@ -237,6 +239,8 @@ def diff(a: Trace | str | os.PathLike, b: Trace | str | os.PathLike, *, force: b
                             f"streams {a.streams} / vocabularies {a.meta['vocab']} vs {b.streams} / {b.meta['vocab']}",
                             fix="compare traces of the same model")
     n = min(a.steps, b.steps)
+    if not (a.has_logits and b.has_logits):
+        return _token_diff(a, b, reasons)
     kwargs = {"workers": workers} | ({"block": block} if block else {})
     m = step_metrics(a, b, steps=n, **kwargs)
     summaries = summarize_metrics(m)
@@ -270,3 +274,26 @@ def diff(a: Trace | str | os.PathLike, b: Trace | str | os.PathLike, *, force: b
         logits_identical=bitwise is None, tokens_identical=div is None,
         forced=bool(reasons), reasons=tuple(reasons), notes=tuple(notes), metrics=m,
     )
+
+
+def _token_diff(a: Trace, b: Trace, reasons: list[str]) -> DiffResult:
+    """Two runs of which at least one is a token trace: where their tokens first differ, nothing more."""
+    n = min(a.steps, b.steps)
+    div = first_token_divergence(a, b)
+    divergence = None
+    if div is not None:
+        step, stream = div
+        col = a.streams.index(stream)
+        divergence = Divergence(step, stream, int(a.tokens[step, col]), int(b.tokens[step, col]), math.nan,
+                                float(a.margins[step, col]), float(b.margins[step, col]), None)
+    which = " and ".join(name for t, name in ((a, "A"), (b, "B")) if not t.has_logits)
+    notes = _notes(a, b, n) + [f"{which} {'is a token trace' if len(which) == 1 else 'are token traces'} "
+                               "(no logits): only tokens are compared"]
+    tier_a, tier_b = tier_of(a), tier_of(b)
+    return DiffResult(
+        a=str(a.path), b=str(b.path), backend_a=a.meta.get("backend"), backend_b=b.meta.get("backend"),
+        mode_a=_mode(a), mode_b=_mode(b), steps_a=a.steps, steps_b=b.steps, steps_compared=n,
+        tier_a=tier_a, tier_b=tier_b, tolerance=tolerance(tier_a, tier_b), streams=tuple(a.streams),
+        summaries={}, summaries_before_divergence=None, first_divergence=divergence, first_bitwise_step=None,
+        first_nonfinite=None, logits_identical=False, tokens_identical=div is None, forced=bool(reasons),
+        reasons=tuple(reasons), notes=tuple(notes), metrics=None, logits_compared=False)

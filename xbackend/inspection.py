@@ -49,7 +49,10 @@ class Loop:
 
 
 def entropy(trace: Trace, stream: str, temperature: float = ENTROPY_TEMPERATURE) -> np.ndarray:
-    """Entropy (nats) of softmax(logits / temperature) at every step, read in blocks of steps."""
+    """Entropy (nats) of softmax(logits / temperature) at every step, read in blocks of steps
+    (empty for a token trace, which has no logits)."""
+    if not trace.has_logits:
+        return np.empty(0, dtype=np.float64)
     rows = trace.logits(stream)
     out = np.empty(trace.steps, dtype=np.float64)
     for s0 in range(0, trace.steps, _BLOCK):
@@ -164,7 +167,7 @@ def divergence(a: Trace, b: Trace, after: int = AFTER) -> dict:
         return out
     step, stream = found
     col = a.streams.index(stream)
-    delta = metrics.max_abs_at(a, b, step, stream)
+    delta = metrics.max_abs_at(a, b, step, stream) if a.has_logits and b.has_logits else None
     out.update(first_divergence={"step": step, "stream": stream, "token_a": int(a.tokens[step, col]),
                                  "token_b": int(b.tokens[step, col]), "max_abs_there": delta},
                after={s: {"a": [int(x) for x in a.tokens[step:step + after, k]],

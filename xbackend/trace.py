@@ -10,6 +10,9 @@ Layout of a trace directory:
   `inputs.bin` int32 `[steps, user_streams]` (the user codes passed at that step).
 - `digests.txt`: one line per step, the sha256 of that step's logits (all streams).
 
+A token trace (`"has_logits": false`, e.g. a Rust app's session brought in by `xbackend import`)
+has no `logits-*.bin`; each digest line is then the sha256 of that step's tokens.
+
 A step is complete once its digest line is written (it is written last), so a run killed at
 step N keeps steps 0..N-1 and the loader says so.
 """
@@ -44,6 +47,11 @@ def step_digest(logits: list[np.ndarray]) -> str:
     return h.hexdigest()[:32]
 
 
+def token_digest(tokens) -> str:
+    """The digest of a token trace's step: its tokens, as int32."""
+    return hashlib.sha256(np.asarray(tokens, dtype=np.int32).reshape(-1).tobytes()).hexdigest()[:32]
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
@@ -54,7 +62,7 @@ class TraceWriter:
     """Appends one step at a time; every step is flushed before the next one starts."""
 
     def __init__(self, path: Path, meta: dict, streams: list[str], vocab: list[int],
-                 n_inputs: int, logits_dtype: str = "float32"):
+                 n_inputs: int, logits_dtype: str = "float32", has_logits: bool = True):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         ours = {META, DIGESTS, "tokens.bin", "margins.bin", "inputs.bin", *(f"logits-{s}.bin" for s in streams)}
@@ -64,17 +72,20 @@ class TraceWriter:
         self.streams, self.vocab, self.dtype = streams, vocab, np.dtype(logits_dtype)
         self.meta = dict(meta, schema=SCHEMA, streams=streams, vocab=vocab, n_inputs=n_inputs,
                          logits_dtype=self.dtype.name, status="running", steps=0, error=None)
+        if not has_logits:
+            self.meta["has_logits"] = False
         write_json_atomic(self.path / META, self.meta)
-        self._logits = [open(self.path / f"logits-{s}.bin", "ab") for s in streams]
+        self._logits = [open(self.path / f"logits-{s}.bin", "ab") for s in streams] if has_logits else []
         self._tokens = open(self.path / "tokens.bin", "ab")
         self._margins = open(self.path / "margins.bin", "ab")
         self._inputs = open(self.path / "inputs.bin", "ab")
         self._digests = open(self.path / DIGESTS, "a")
         self.steps = 0
 
-    def write_step(self, logits: list[np.ndarray], tokens: list[int], margins: list[float],
+    def write_step(self, logits: list[np.ndarray] | None, tokens: list[int], margins: list[float],
                    inputs: np.ndarray) -> str:
-        rows = [np.asarray(x, dtype=self.dtype).reshape(-1) for x in logits]
+        """Append one step; `logits` is None in a token trace."""
+        rows = [np.asarray(x, dtype=self.dtype).reshape(-1) for x in logits] if self._logits else []
         for f, row in zip(self._logits, rows):
             f.write(row.tobytes())
             f.flush()
@@ -82,7 +93,7 @@ class TraceWriter:
                                  (self._inputs, inputs, np.int32)):
             f.write(np.asarray(values, dtype=dtype).reshape(-1).tobytes())
             f.flush()
-        digest = step_digest(rows)
+        digest = step_digest(rows) if self._logits else token_digest(tokens)
         self._digests.write(digest + "\n")
         self._digests.flush()
         self.steps += 1
@@ -112,8 +123,16 @@ class Trace:
     def vocab(self) -> dict[str, int]:
         return dict(zip(self.meta["streams"], self.meta["vocab"]))
 
+    @property
+    def has_logits(self) -> bool:
+        """False for a token trace (an imported run): tokens only, digests of tokens."""
+        return self.meta.get("has_logits", True) is not False
+
     def logits(self, stream: str) -> np.ndarray:
         """Logits of one stream, `[steps, vocab]` (memory-mapped, read-only)."""
+        if not self.has_logits:
+            raise XBackendError(f"Trace {self.path} is a token trace: it has no logits",
+                                asked=f"logits of {stream}", fix="use a trace captured by xbackend for logits")
         if stream not in self.meta["streams"]:
             raise XBackendError(f"Trace {self.path} has no stream {stream!r}",
                                 asked=f"streams are {', '.join(self.streams)}")
@@ -164,7 +183,8 @@ def load_trace(path: str | os.PathLike) -> Trace:
     digests = [d for d in lines if len(d) == 32]
     steps = len(digests)
     itemsize = np.dtype(meta["logits_dtype"]).itemsize
-    sizes = [(f"logits-{s}.bin", v * itemsize) for s, v in zip(meta["streams"], meta["vocab"])]
+    sizes = [(f"logits-{s}.bin", v * itemsize) for s, v in zip(meta["streams"], meta["vocab"])
+             if meta.get("has_logits", True) is not False]
     sizes += [("tokens.bin", 4 * len(meta["streams"])), ("margins.bin", 4 * len(meta["streams"])),
               ("inputs.bin", 4 * int(meta["n_inputs"]))]
     for name, row in sizes:
