@@ -5,6 +5,7 @@ Importing this package loads neither torch nor mlx; backends import them when cr
 
 from .backends import create_backend, load_plugin, register_backend, unregister_backend, wrap_backend
 from .backends.base import Backend, Job, StepRecord, StepRecorder
+from .candle import CandleDecision, CandleSampler
 from .capture import DEFAULT_SEED, CaptureRequest, capture
 from .codecs import Codec, create_codec, register_codec, unregister_codec, wrap_codec
 from .errors import BackendFailed, BackendUnavailable, XBackendError
@@ -15,7 +16,8 @@ from .trace import Trace, TruncatedTraceWarning, load_trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "BackendFailed", "Codec", "create_codec", "register_codec", "unregister_codec", "wrap_codec", "BackendSpec", "BackendUnavailable", "CaptureRequest", "DEFAULT_SEED",
+    "Backend", "BackendFailed", "Codec", "create_codec", "register_codec", "unregister_codec", "wrap_codec", "BackendSpec",
+    "BackendUnavailable", "CandleDecision", "CandleSampler", "CaptureRequest", "DEFAULT_SEED",
     "Job", "Sampler", "SamplingSettings", "StepRecord", "StepRecorder", "Trace", "TruncatedTraceWarning",
     "XBackendError", "capture", "create_backend", "load_plugin", "load_trace", "parse_spec",
     "register_backend", "unregister_backend", "wrap_backend",

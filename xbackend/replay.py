@@ -14,7 +14,10 @@ differed. Verdicts:
   than float rounding can move it: the app's logits differed from this backend's there
   (numerics on the app's device, or a semantic difference such as the acoustic delay);
 - `WITHIN_ROUNDING`: the first inconsistency lies within a few float32 ulps of a boundary, where
-  another libm's `expf` or a GPU softmax can flip the draw: no evidence of different logits.
+  another libm's `expf` or a GPU softmax can flip the draw: no evidence of different logits;
+- `INCOMPLETE`: no inconsistency, but from some step on the model reads a token the app's log does
+  not hold (e.g. the app's acoustic delay is longer than the model's), so later decisions cannot
+  be checked; `consistent_through` says how far the check went.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from .samplers import SamplingSettings
 from .trace import Trace, load_trace, write_json_atomic
 
 SCHEMA = "xbackend.replay/1"
-VERDICTS = ("CONSISTENT", "LOGITS_DIFFER", "WITHIN_ROUNDING")
+VERDICTS = ("CONSISTENT", "LOGITS_DIFFER", "WITHIN_ROUNDING", "INCOMPLETE")
 MAX_LISTED = 20
 
 
@@ -174,6 +177,7 @@ def check_decisions(app: Trace, forced: Trace, settings: SamplingSettings, text_
     checked = unknown = tainted = incomparable = 0
     first_step = None
     history_known = True  # every token the model has read so far is the app's
+    blind_from = None  # the first step whose inputs hold a token the app's log does not
     for step in range(min(steps, forced.steps)):
         chain_known = history_known  # within a step, each token feeds the next depformer slice
         for k, stream in enumerate(app.streams):
@@ -188,8 +192,9 @@ def check_decisions(app: Trace, forced: Trace, settings: SamplingSettings, text_
             if want < 0:
                 unknown += 1
                 chain_known = False
-                if step >= model_delays[k]:  # the model reads this token at the next step
+                if step >= model_delays[k] and history_known:  # the model reads it at the next step
                     history_known = False
+                    blind_from = {"step": step + 1, "unknown": {"step": step, "stream": stream}}
                 continue
             if not chain_known:
                 tainted += 1
@@ -220,14 +225,19 @@ def check_decisions(app: Trace, forced: Trace, settings: SamplingSettings, text_
                 found.append(None)
     inconsistencies = [f for f in found if f is not None]
     first = inconsistencies[0] if inconsistencies else None
-    if first is None:
+    last = min(steps, forced.steps) - 1
+    if first is None and blind_from is not None and blind_from["step"] <= last:
+        verdict = "INCOMPLETE"
+    elif first is None:
         verdict = "CONSISTENT"
     elif first["margin_ulps"] is not None and first["margin_ulps"] <= FRAGILE_ULPS:
         verdict = "WITHIN_ROUNDING"
     else:
         verdict = "LOGITS_DIFFER"
     return {"verdict": verdict, "first_inconsistency": first,
-            "consistent_through": (first_step - 1 if first_step is not None else min(steps, forced.steps) - 1),
+            "consistent_through": (first_step - 1 if first_step is not None
+                                   else min(last, blind_from["step"] - 1) if blind_from is not None else last),
+            "unchecked_from": blind_from,
             "steps": min(steps, forced.steps), "decisions_checked": checked, "decisions_unknown": unknown,
             "decisions_after_unknown": tainted, "decisions_not_comparable": incomparable,
             "skipped_rule": ("app tokens that are unknown are not checked; nor are decisions whose context holds an "
@@ -246,6 +256,13 @@ def _num(x: float):
 def explain(r: dict) -> str:
     f = r["first_inconsistency"]
     who = f"{r['backend']} ({r['model']})"
+    if r["verdict"] == "INCOMPLETE":
+        u = r["unchecked_from"]
+        delay = " ".join(n for n in r.get("notes", []) if n.startswith("acoustic delays differ"))
+        return (f"No inconsistency in the {r['decisions_checked']} decisions checked, consistent through step "
+                f"{r['consistent_through']}; from step {u['step']} on the model reads the app's "
+                f"{u['unknown']['stream']} token of step {u['unknown']['step']}, which its log does not hold, so later "
+                "decisions cannot be checked" + (f" ({delay})." if delay else "."))
     if f is None:
         return (f"Every known token of the app ({r['decisions_checked']} decisions over {r['steps']} steps) is what "
                 f"candle's sampler picks on {who}'s logits with the app's seeds ({r['app']['text_seed']} text, "
