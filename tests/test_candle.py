@@ -4,6 +4,7 @@ select_nth_unstable_by when rustc is here, and the parts (RNG, expf, partition) 
 from __future__ import annotations
 
 import ctypes
+import json
 import ctypes.util
 import platform
 import re
@@ -237,3 +238,54 @@ def test_public_api_and_identity():
     s = xbackend.CandleSampler(299792458, 250, 0.8)
     assert s.describe()["algorithm"] == "candle TopK WeightedIndex"
     assert s.describe()["rng"] == "StdRng ChaCha12 seeded by PCG32 from u64"
+
+
+# --- --sampler candle on the real CLI --------------------------------------------------------------
+
+from .conftest import assert_clean_error, have, needs_tiny, run_cli  # noqa: E402
+
+
+@needs_tiny
+@pytest.mark.skipif(not have("mlx") or not have("moshi_mlx"), reason="mlx / moshi_mlx not installed")
+def test_capture_candle_cpu_and_mlx_cpu_sample_the_same_tokens(tmp_path):
+    for spec in ("cpu", "mlx:cpu"):
+        proc = run_cli("capture", "-b", spec, "--sampler", "candle", "--steps", "40", "--out", str(tmp_path / spec))
+        assert proc.returncode == 0, proc.stderr
+    a, b = xbackend.load_trace(tmp_path / "cpu"), xbackend.load_trace(tmp_path / "mlx:cpu")
+    assert np.array_equal(a.tokens, b.tokens)
+    assert a.meta["settings"] == {"temp_text": 0.8, "top_k_text": 250, "temp_audio": 0.8, "top_k_audio": 250}
+    assert a.meta["sampler"]["algorithm"] == "candle TopK WeightedIndex" and a.meta["effective"]["capture_path"] == "host"
+    assert np.isfinite(a.margins).all() and (a.margins > 0).all()
+    # the decisions are candle's on the recorded logits, word by word
+    text = CandleSampler(299792458, 250, 0.8)
+    assert [text.sample(np.asarray(a.logits("text")[s])) for s in range(a.steps)] == a.tokens[:, 0].tolist()
+
+
+@needs_tiny
+def test_candle_settings_options_and_repeat(tmp_path):
+    proc = run_cli("capture", "-b", "cpu", "--sampler", "candle", "--top-k-text", "5", "--steps", "3",
+                   "--out", str(tmp_path / "t"))
+    assert proc.returncode == 0, proc.stderr
+    assert xbackend.load_trace(tmp_path / "t").meta["settings"]["top_k_text"] == 5
+    assert xbackend.load_trace(tmp_path / "t").meta["settings"]["temp_text"] == 0.8
+    proc = run_cli("repeat", "-b", "cpu", "--sampler", "candle", "--runs", "2", "--steps", "4", "--out",
+                   str(tmp_path / "r"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tokens_identical"] is True
+    assert xbackend.load_trace(tmp_path / "r" / "traces" / "run-1").meta["sampler"]["mode"] == "candle"
+    assert_clean_error(run_cli("compare", "-b", "cpu,cpu", "--sampler", "greedy", "--out", str(tmp_path / "c")),
+                       2, "free runs cannot use")
+    assert_clean_error(run_cli("capture", "-b", "cpu", "--sampler", "candle", "--top-k-audio", "0", "--steps", "2",
+                               "--out", str(tmp_path / "z")), 2, "top_k >= 1")
+
+
+@needs_tiny
+def test_compare_with_candle_free_runs(tmp_path):
+    proc = run_cli("compare", "-b", "cpu,cpu", "--sampler", "candle", "--steps", "6", "--repeats", "1",
+                   "--out", str(tmp_path / "c"), "--json")
+    assert proc.returncode in (0, 1), proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["request"]["sampler"] == "candle"
+    free = xbackend.load_trace(tmp_path / "c" / "traces" / "cpu_2" / "portable")
+    assert free.meta["sampler"]["mode"] == "candle" and free.meta["settings"]["top_k_text"] == 250
+    assert report["verdicts"][0]["figures"]["portable_divergence"] is None
