@@ -54,7 +54,14 @@ def forced_plan(source: str, model: ModelRef, steps: int) -> tuple[np.ndarray, n
         if ref.steps < steps:
             raise XBackendError(f"Forced trace {path} has {ref.steps} steps, fewer than the {steps} asked for",
                                 fix=f"pass --steps {ref.steps}")
-        return ref.tokens[:steps].astype(np.int64), None
+        tokens = ref.tokens[:steps].astype(np.int64)
+        bad = (tokens < -1) | (tokens >= np.asarray(model.vocab)[None, :])
+        if bad.any():
+            step, col = (int(x) for x in np.argwhere(bad)[0])
+            raise XBackendError(f"Forced trace {path} has token {tokens[step, col]} at step {step}, {ref.streams[col]}, "
+                                f"outside model {model.name}'s vocabulary of {model.vocab[col]}",
+                                fix="force with a trace of the same model")
+        return tokens, None  # -1 (unknown, e.g. in an imported run): the model decides there
     if path.suffix.lower() not in CODES_SUFFIXES or not path.is_file():
         raise XBackendError(f"Forced source {path} is neither a trace directory nor a codes file",
                             fix="pass forced:TRACE_DIR or forced:codes.npy / codes.safetensors")

@@ -148,7 +148,7 @@ def inspect_trace(trace: Trace) -> Inspection:
     summaries = []
     for k, stream in enumerate(trace.streams):
         tokens = np.asarray(trace.tokens[:, k])
-        ignore = frozenset({pad}) if stream == "text" else frozenset()
+        ignore = frozenset({pad, -1}) if stream == "text" else frozenset({-1})  # -1: unknown in an imported run
         summaries.append(StreamSummary(stream, entropy(trace, stream), longest_run(tokens, ignore),
                                        find_loop(tokens, ignore=ignore)))
     ratio = None
