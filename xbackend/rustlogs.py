@@ -190,7 +190,12 @@ def _session_tensors(st: Path, cfg: dict, last: int) -> tuple[np.ndarray, np.nda
     _regular_file(st, "session's .safetensors (expected beside the .json)")
     from .models import safetensors_header
 
-    header = safetensors_header(st)
+    try:
+        header = safetensors_header(st)
+    except (XBackendError, AttributeError):
+        raise _bad(st, "not a safetensors file (its header does not read)") from None
+    if not isinstance(header, dict):
+        raise _bad(st, "its safetensors header is not a table of tensors")
     n_cb = cfg["generated_audio_codebooks"] + cfg["input_audio_codebooks"]
     expect = {"text": [last], "audio": [last, n_cb]}
     for name, shape in expect.items():
