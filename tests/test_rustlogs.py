@@ -223,3 +223,11 @@ def test_session_layout_round_trip_is_exact(app_run):
     assert np.array_equal(tokens[known], app_run["tokens"][known]) and np.array_equal(user, app_run["user"])
     with pytest.raises(XBackendError):
         read_run(app_run["root"] / "nothing.json")
+
+
+def test_replay_of_a_candle_capture_on_another_backend(app_run, tmp_path):
+    """A capture made with --sampler candle replays on mlx:cpu from its own prompt, and is consistent."""
+    pytest.importorskip("moshi_mlx")
+    result = replay(ReplayRequest(trace=str(app_run["root"] / "capture"), backend="mlx:cpu", steps=8), tmp_path / "r")
+    assert result["verdict"] == "CONSISTENT" and result["consistent_through"] == 7
+    assert result["user_codes"].startswith("--prompt") and result["decisions_checked"] == 8 * 9

@@ -35,6 +35,7 @@ from .errors import XBackendError
 
 ALGORITHM = "candle TopK WeightedIndex"
 RNG = "StdRng ChaCha12 seeded by PCG32 from u64"
+IDENTITY = {"algorithm": ALGORITHM, "rng": RNG}  # what decides a token: two runs share a sampler when both agree
 _M64 = (1 << 64) - 1
 
 # --- StdRng: ChaCha12 (rand_chacha), key from rand_core's PCG32 seed_from_u64 ------------------
@@ -709,7 +710,8 @@ class CandleStreams:
         return sampler.decide(logits, self.word_index(step, stream))
 
     def describe(self) -> dict:
-        out = {"algorithm": ALGORITHM, "rng": RNG, "text_seed": self.text.seed, "audio_seed": self.audio.seed}
+        out = {"algorithm": ALGORITHM, "rng": RNG, "identity": IDENTITY, "text_seed": self.text.seed,
+               "audio_seed": self.audio.seed}
         if self.text.pad_mult is not None:
             out.update(pad_mult=self.text.pad_mult, pad_token=self.text.pad_token)
         return out

@@ -118,6 +118,10 @@ def replay(req: ReplayRequest, out: str | Path, progress: Callable[[int, int], N
         raise XBackendError(f"Trace {app.path} has no step to replay")
     out.mkdir(parents=True, exist_ok=True)
     n_inputs = int(app.meta.get("n_inputs", 0))
+    imported = "imported" in app.meta
+    if not imported:  # an xbackend capture: its inputs.bin follows its backend's convention; replay its prompt
+        n_inputs = 0
+        req = ReplayRequest(**{**req.__dict__, "prompt": req.prompt or (app.meta.get("prompt") or {}).get("source")})
     if n_inputs:
         if n_inputs != model.n_user:
             raise XBackendError(f"Trace {app.path} has {n_inputs} user codebooks, model {model.name} takes {model.n_user}",

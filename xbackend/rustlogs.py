@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .candle import ALGORITHM, RNG
+from .candle import ALGORITHM, IDENTITY, RNG
 from .errors import XBackendError
 from .prompt import codes_digest
 from .samplers import RUST_CLI_SETTINGS, SamplingSettings
@@ -470,7 +470,7 @@ def write_token_trace(run: RustRun, out: str | Path, backend: str = "rust-app") 
     """Write `run` as a token trace: tokens, user codes where known, settings and seeds; no logits."""
     n_user = 0 if run.user_codes is None else int(run.user_codes.shape[1])
     user = run.user_codes if run.user_codes is not None else np.zeros((run.steps, 0), dtype=np.int64)
-    sampler = {"mode": "candle", "algorithm": ALGORITHM, "rng": RNG, "seed": run.text_seed,
+    sampler = {"mode": "candle", "algorithm": ALGORITHM, "rng": RNG, "identity": dict(IDENTITY), "seed": run.text_seed,
                "text_seed": run.text_seed, "audio_seed": run.audio_seed}
     if run.pad_mult is not None:
         sampler.update(pad_mult=run.pad_mult, pad_token=int(run.config["text_pad_token"]))
