@@ -89,3 +89,13 @@ def write_token_lines(path: Path, tokens: np.ndarray, cfg: dict) -> Path:
         lines.append(f"[2026-11-26 08:00:{s % 60:02d}] INFO app::ws sent 1920 samples")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_sampled_lines(path: Path, tokens: np.ndarray) -> Path:
+    """An app that logs each step's depformer output (the sampled layout), every step."""
+    lines = []
+    for s in range(tokens.shape[0]):
+        lines.append(f"I0000 moshi.rs:42] MOSHI_DEBUG: Step {s} text token: {int(tokens[s, 0])}")
+        lines.append(f"I0000 moshi.rs:43] MOSHI_DEBUG: Step {s} audio tokens: [{', '.join(str(int(x)) for x in tokens[s, 1:])}]")
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -114,19 +114,23 @@ def test_replay_cli_json_and_exit_codes(app_run, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["verdict"] == "CONSISTENT"
 
 
-def test_an_acoustic_delay_the_model_does_not_have_is_found(app_run, tmp_path):
-    """The same tokens logged as if the app ran with moshi-cli's delay 2: the rows map to other steps."""
-    src = write_session(tmp_path / "s.json", app_run["tokens"], app_run["user"], app_run["cfg"], SEED, RUST_CLI_SETTINGS)
-    data = json.loads(src.read_text())
-    data["acoustic_delay"] = 2  # what the app says it used, with rows written at delay 1
-    src.write_text(json.dumps(data))
+def test_a_session_with_moshi_clis_delay_2_replays_on_a_delay_1_model(app_run, tmp_path):
+    """The rows written as moshi-core does with acoustic_delay 2 (Config::v0_1): the model (delay 1) reads
+    the audio1.. tokens of step 1, which such a session never holds; replay fills them with candle's pick."""
+    cfg = dict(app_run["cfg"], acoustic_delay=2)
+    src = write_session(tmp_path / "s.json", app_run["tokens"], app_run["user"], cfg, SEED, RUST_CLI_SETTINGS)
     trace = write_token_trace(read_session(src), tmp_path / "t")
+    assert int((trace.tokens < 0).sum()) == 14  # audio1..7 of steps 0 and 1
     result = replay(ReplayRequest(trace=str(trace.path), backend="cpu"), tmp_path / "r")
-    # the model (delay 1) reads at step 2 the audio1 token of step 1, which a delay-2 session never holds
-    assert result["verdict"] == "INCOMPLETE" and result["consistent_through"] == 1
-    assert result["unchecked_from"] == {"step": 2, "unknown": {"step": 1, "stream": "audio1"}}
+    assert result["verdict"] == "CONSISTENT" and result["consistent_through"] == STEPS - 1
     assert any("acoustic delays differ" in n for n in result["notes"])
-    assert "acoustic delays differ" in result["explanation"]
+    planted = _plant("session", app_run, 8, 5)  # audio4 of step 8: session row 6
+    src = write_session(tmp_path / "p.json", planted, app_run["user"], cfg, SEED, RUST_CLI_SETTINGS)
+    trace = write_token_trace(read_session(src), tmp_path / "pt")
+    result = replay(ReplayRequest(trace=str(trace.path), backend="cpu"), tmp_path / "pr")
+    first = result["first_inconsistency"]
+    assert (first["step"], first["stream"]) == (8, "audio4")
+    assert first["context_filled"]["step"] == 1  # what it rests on: the filled tokens of step 1
 
 
 def test_token_traces_in_diff_inspect_and_forced(app_run, tmp_path):
@@ -231,3 +235,15 @@ def test_replay_of_a_candle_capture_on_another_backend(app_run, tmp_path):
     result = replay(ReplayRequest(trace=str(app_run["root"] / "capture"), backend="mlx:cpu", steps=8), tmp_path / "r")
     assert result["verdict"] == "CONSISTENT" and result["consistent_through"] == 7
     assert result["user_codes"].startswith("--prompt") and result["decisions_checked"] == 8 * 9
+
+
+def test_token_lines_in_the_sampled_layout_are_detected(app_run, tmp_path):
+    from .rust_layout import write_sampled_lines
+
+    src = write_sampled_lines(tmp_path / "app.log", _plant("lines", app_run, 1, 4))
+    run = read_run(src, text_vocab=320, audio_vocab=256)  # acoustic delay left at moshi-cli's 2
+    assert any("sampled (detected" in n for n in run.notes)
+    trace = write_token_trace(run, tmp_path / "t")
+    assert int((trace.tokens < 0).sum()) == 0
+    result = replay(ReplayRequest(trace=str(trace.path), backend="cpu", prompt=str(DEFAULT_PROMPT)), tmp_path / "r")
+    assert (result["first_inconsistency"]["step"], result["first_inconsistency"]["stream"]) == (1, "audio3")

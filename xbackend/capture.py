@@ -98,13 +98,15 @@ def check_request(req: CaptureRequest) -> None:
         raise XBackendError(f"--seed must be between 0 and 2**63-1, got {req.seed}")
 
 
-def capture(req: CaptureRequest, out: str | Path,
-            progress: Callable[[int, int], None] | None = None) -> Trace:
-    """Run `req` and write its trace to `out`; failures keep the steps done so far."""
+def capture(req: CaptureRequest, out: str | Path, progress: Callable[[int, int], None] | None = None,
+            sampler: Sampler | None = None) -> Trace:
+    """Run `req` and write its trace to `out`; failures keep the steps done so far.
+
+    `sampler` replaces the one `req.sampler` names (replay builds its own forced sampler)."""
     check_request(req)
     backend = require_available(create_backend(req.backend))
     model = resolve_model(req.model, req.model_config)
-    sampler, forced_user = make_sampler(req, model)
+    sampler, forced_user = (sampler, None) if sampler is not None else make_sampler(req, model)
     if forced_user is not None:
         prompt = Prompt(forced_user, str(req.sampler.partition(":")[2]), "codes", codes_digest(forced_user))
     else:

@@ -14,10 +14,11 @@ differed. Verdicts:
   than float rounding can move it: the app's logits differed from this backend's there
   (numerics on the app's device, or a semantic difference such as the acoustic delay);
 - `WITHIN_ROUNDING`: the first inconsistency lies within a few float32 ulps of a boundary, where
-  another libm's `expf` or a GPU softmax can flip the draw: no evidence of different logits;
-- `INCOMPLETE`: no inconsistency, but from some step on the model reads a token the app's log does
-  not hold (e.g. the app's acoustic delay is longer than the model's), so later decisions cannot
-  be checked; `consistent_through` says how far the check went.
+  another libm's `expf` or a GPU softmax can flip the draw: no evidence of different logits.
+
+Where the app's log does not hold a token (a session loses the delayed codebooks of the steps
+before its acoustic delay), the forced run takes candle's pick on this backend's logits, which is
+what a consistent app sampled; a first inconsistency whose context holds such a token says so.
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ from typing import Callable
 
 import numpy as np
 
-from .candle import FRAGILE_ULPS, CandleSampler, select_nth_unstable_desc
+from .candle import FRAGILE_ULPS, CandleSampler, CandleStreams, select_nth_unstable_desc
 from .errors import XBackendError
 from .models import resolve_model
-from .samplers import SamplingSettings
+from .samplers import Sampler, SamplingSettings
 from .trace import Trace, load_trace, write_json_atomic
 
 SCHEMA = "xbackend.replay/1"
-VERDICTS = ("CONSISTENT", "LOGITS_DIFFER", "WITHIN_ROUNDING", "INCOMPLETE")
+VERDICTS = ("CONSISTENT", "LOGITS_DIFFER", "WITHIN_ROUNDING")
 MAX_LISTED = 20
 
 
@@ -102,7 +103,7 @@ def repetition_penalty(logits: np.ndarray, history: np.ndarray, context: int, pe
 
 def replay(req: ReplayRequest, out: str | Path, progress: Callable[[int, int], None] | None = None) -> dict:
     """Teacher-force `req.backend` along the trace's tokens and replay candle's sampler on its logits."""
-    from .capture import CaptureRequest, capture
+    from .capture import CaptureRequest, capture, forced_plan
 
     out = Path(out)
     app = load_trace(req.trace)
@@ -142,7 +143,10 @@ def replay(req: ReplayRequest, out: str | Path, progress: Callable[[int, int], N
     creq = CaptureRequest(backend=req.backend, model=req.model, model_config=req.model_config,
                           prompt=str(prompt) if prompt else None, seed=text_seed if text_seed < 2**63 else 0,
                           steps=steps, sampler=f"forced:{app.path}", settings=settings)
-    forced = capture(creq, forced_dir, progress=progress)
+    tokens, _ = forced_plan(str(app.path), model, steps)
+    fill = CandleStreams(text_seed, audio_seed, settings, dep_q=model.dep_q, pad_token=pad_token, pad_mult=pad_mult)
+    sampler = Sampler("forced", creq.seed, settings, forced_tokens=tokens, forced_from=str(app.path), fill=fill)
+    forced = capture(creq, forced_dir, progress=progress, sampler=sampler)
     result = check_decisions(app, forced, settings, text_seed, audio_seed, pad_mult, pad_token, rep, steps)
     delays = app.meta.get("delays")
     notes = list((app.meta.get("imported") or {}).get("notes") or [])
@@ -176,35 +180,30 @@ def check_decisions(app: Trace, forced: Trace, settings: SamplingSettings, text_
     logits = {s: forced.logits(s) for s in app.streams}
     tokens = app.tokens
     model_delays = [int(x) for x in (forced.meta.get("delays") or [0] * len(app.streams))]
-    rust_delay = int(rust.get("acoustic_delay", 0))
+    # moshi-core feeds the pad token to depformer slices 2.. before its acoustic delay; only a log known
+    # to come from moshi-core (a session, MIMI_VERBOSE) is held to that
+    moshi_core = (app.meta.get("imported") or {}).get("format") in ("session", "verbose")
+    rust_delay = int(rust.get("acoustic_delay", 0)) if moshi_core else 0
     found, fragile = [], []
-    checked = unknown = tainted = incomparable = 0
+    checked = unknown = incomparable = 0
     first_step = None
-    history_known = True  # every token the model has read so far is the app's
-    blind_from = None  # the first step whose inputs hold a token the app's log does not
+    filled: list[tuple[int, int]] = []  # (step, stream index) of app tokens the log does not hold
     for step in range(min(steps, forced.steps)):
-        chain_known = history_known  # within a step, each token feeds the next depformer slice
         for k, stream in enumerate(app.streams):
             want = int(tokens[step, k])
             row = np.asarray(logits[stream][step])
             if k == 0:
                 if rep is not None:
-                    row = repetition_penalty(row, tokens[:step, 0], int(rep[0]), float(rep[1]), skip)
+                    row = repetition_penalty(row, forced.tokens[:step, 0], int(rep[0]), float(rep[1]), skip)
                 sampler, index = text, step
             else:
                 sampler, index = audio, step * dep_q + k - 1
-            if want < 0:
+            if want < 0:  # the forced run took candle's pick here: what a consistent app sampled
                 unknown += 1
-                chain_known = False
-                if step >= model_delays[k] and history_known:  # the model reads it at the next step
-                    history_known = False
-                    blind_from = {"step": step + 1, "unknown": {"step": step, "stream": stream}}
-                continue
-            if not chain_known:
-                tainted += 1
+                filled.append((step, k))
                 continue
             if k >= 3 and step < rust_delay:
-                incomparable += 1  # moshi-core feeds the pad token to slices 2.. before the delay
+                incomparable += 1
                 continue
             d = sampler.decide(row, index)
             checked += 1
@@ -230,24 +229,27 @@ def check_decisions(app: Trace, forced: Trace, settings: SamplingSettings, text_
     inconsistencies = [f for f in found if f is not None]
     first = inconsistencies[0] if inconsistencies else None
     last = min(steps, forced.steps) - 1
-    if first is None and blind_from is not None and blind_from["step"] <= last:
-        verdict = "INCOMPLETE"
-    elif first is None:
+    if first is not None:  # filled tokens the decision depends on: earlier slices of its step, or read by the model since
+        fs, fk = first["step"], app.streams.index(first["stream"])
+        used = [(s_, k_) for s_, k_ in filled if (s_ == fs and k_ < fk) or (s_ < fs and s_ >= model_delays[k_])]
+        if used:
+            first["context_filled"] = {"step": used[0][0], "stream": app.streams[used[0][1]], "count": len(used)}
+    if first is None:
         verdict = "CONSISTENT"
     elif first["margin_ulps"] is not None and first["margin_ulps"] <= FRAGILE_ULPS:
         verdict = "WITHIN_ROUNDING"
     else:
         verdict = "LOGITS_DIFFER"
     return {"verdict": verdict, "first_inconsistency": first,
-            "consistent_through": (first_step - 1 if first_step is not None
-                                   else min(last, blind_from["step"] - 1) if blind_from is not None else last),
-            "unchecked_from": blind_from,
+            "consistent_through": first_step - 1 if first_step is not None else last,
+            "unknown_filled": [{"step": s_, "stream": app.streams[k_]} for s_, k_ in filled[:MAX_LISTED]],
             "steps": min(steps, forced.steps), "decisions_checked": checked, "decisions_unknown": unknown,
-            "decisions_after_unknown": tainted, "decisions_not_comparable": incomparable,
-            "skipped_rule": ("app tokens that are unknown are not checked; nor are decisions whose context holds an "
-                             "unknown token (later slices of that step, every later step once the model read one); "
-                             "nor audio2.. before the app's acoustic delay, where moshi-core feeds the pad token "
-                             "to the next depformer slice (ForcedAudioTokens) and moshi's Python LMGen does not"),
+            "decisions_not_comparable": incomparable,
+            "skipped_rule": ("an app token the log does not hold is not checked: the forced run takes candle's pick "
+                             "on its logits there (what a consistent app sampled), so later decisions are checked "
+                             "under that assumption; nor are audio2.. of a moshi-core log before its acoustic delay, "
+                             "where moshi-core feeds the pad token to the next depformer slice (ForcedAudioTokens) "
+                             "and moshi's Python LMGen does not"),
             "inconsistencies": len(found), "inconsistencies_listed": inconsistencies,
             "fragile_decisions": fragile[:MAX_LISTED], "fragile_count": len(fragile),
             "fragile_rule": f"a consistent decision whose draw lies within {FRAGILE_ULPS:g} float32 ulps of a boundary"}
@@ -260,13 +262,6 @@ def _num(x: float):
 def explain(r: dict) -> str:
     f = r["first_inconsistency"]
     who = f"{r['backend']} ({r['model']})"
-    if r["verdict"] == "INCOMPLETE":
-        u = r["unchecked_from"]
-        delay = " ".join(n for n in r.get("notes", []) if n.startswith("acoustic delays differ"))
-        return (f"No inconsistency in the {r['decisions_checked']} decisions checked, consistent through step "
-                f"{r['consistent_through']}; from step {u['step']} on the model reads the app's "
-                f"{u['unknown']['stream']} token of step {u['unknown']['step']}, which its log does not hold, so later "
-                "decisions cannot be checked" + (f" ({delay})." if delay else "."))
     if f is None:
         return (f"Every known token of the app ({r['decisions_checked']} decisions over {r['steps']} steps) is what "
                 f"candle's sampler picks on {who}'s logits with the app's seeds ({r['app']['text_seed']} text, "
@@ -277,6 +272,10 @@ def explain(r: dict) -> str:
             f"on {who}'s logits{'' if f['app_token_in_top_k'] else ', outside the top-k'}) where candle's sampler, "
             f"with the same RNG word, picks {f['candle_token']}; the draw lies {f['margin']:.3g} "
             f"({f['margin_ulps']:.3g} float32 ulps) from the nearest boundary. ")
+    if f.get("context_filled"):
+        c = f["context_filled"]
+        head += (f"Its context holds app tokens the log does not have, filled with candle's pick (the first: "
+                 f"step {c['step']}, {c['stream']}); if the app took another token there, the difference began there. ")
     if r["verdict"] == "WITHIN_ROUNDING":
         return head + ("That is within the softmax's rounding: another libm's expf or a GPU softmax can flip it, "
                        "so this alone is no evidence that the app's logits differed.")
@@ -299,7 +298,7 @@ def report_md(r: dict) -> str:
              f"repetition penalty {r['app']['repetition_penalty']} |",
              f"| user codes | {r['user_codes']} |",
              f"| steps | {r['steps']} ({r['decisions_checked']} decisions checked; not checked: {r['decisions_unknown']} "
-             f"unknown app tokens, {r['decisions_after_unknown']} after an unknown one, "
+             f"app tokens the log does not hold (filled with candle's pick), "
              f"{r['decisions_not_comparable']} before the app's acoustic delay) |",
              f"| first inconsistency | {where} |",
              f"| consistent through step | {r['consistent_through']} |",

@@ -46,7 +46,7 @@ V0_1 = {"generated_audio_codebooks": 8, "input_audio_codebooks": 8, "audio_vocab
         "text_pad_token": 3, "text_eop_token": 0, "text_start_token": 32000}
 DEFAULT_TEXT_PATTERN = r"[Ss]tep\s+(?P<step>\d+)\s+text\s+token\s*[:=]\s*(?P<token>-?\d+)"
 DEFAULT_AUDIO_PATTERN = r"[Ss]tep\s+(?P<step>\d+)\s+audio\s+tokens\s*[:=]\s*\[(?P<tokens>[^\]]*)\]"
-AUDIO_LAYOUTS = ("frame", "sampled")
+AUDIO_LAYOUTS = ("auto", "frame", "sampled")
 
 
 @dataclass(frozen=True)
@@ -379,13 +379,15 @@ def _pattern(text: str, groups: tuple[str, ...], option: str) -> re.Pattern:
 def read_lines_log(path: str | Path, settings: SamplingSettings = RUST_CLI_SETTINGS, text_seed: int = RUST_CLI_SEED,
                    audio_seed: int = RUST_CLI_SEED, acoustic_delay: int = 2,
                    text_pattern: str = DEFAULT_TEXT_PATTERN, audio_pattern: str = DEFAULT_AUDIO_PATTERN,
-                   audio_layout: str = "frame", text_vocab: int = 32000, audio_vocab: int = 2048,
+                   audio_layout: str = "auto", text_vocab: int = 32000, audio_vocab: int = 2048,
                    allow_partial: bool = False) -> RustRun:
     """An app's own per-step token lines. `audio_layout`: `frame` when the app logs what
     moshi-core's `State::last_audio_tokens()` returns after step s (codebook 0 sampled at step
     s - acoustic_delay, the others at step s; nothing while it is None), `sampled` when it logs the
-    depformer's output of step s."""
+    depformer's output of step s; `auto`: `frame` unless the log has audio lines for steps before the
+    acoustic delay, which `last_audio_tokens()` never returns."""
     path = Path(path).expanduser()
+    audio_layout_asked = audio_layout
     if audio_layout not in AUDIO_LAYOUTS:
         raise XBackendError(f"Unknown audio layout {audio_layout!r}", asked=f"available are {', '.join(AUDIO_LAYOUTS)}")
     if acoustic_delay < 0:
@@ -421,6 +423,8 @@ def read_lines_log(path: str | Path, settings: SamplingSettings = RUST_CLI_SETTI
     if not audios:
         raise _bad(path, f"no audio token line matches {audio_pattern!r}", fix="pass --audio-pattern")
     gen = widths.pop()
+    if audio_layout == "auto":
+        audio_layout = "sampled" if any(s < acoustic_delay for s in audios) or not acoustic_delay else "frame"
     tokens = np.full((n, 1 + gen), -1, dtype=np.int64)
     tokens[:, 0] = [texts[s] for s in range(n)]
     d = acoustic_delay
@@ -447,7 +451,8 @@ def read_lines_log(path: str | Path, settings: SamplingSettings = RUST_CLI_SETTI
     cfg = {"generated_audio_codebooks": gen, "input_audio_codebooks": 0, "audio_vocab_size": audio_vocab + 1,
            "acoustic_delay": d, "text_pad_token": 3, "text_eop_token": 0, "text_start_token": text_vocab}
     _check_range(path, tokens, None, cfg)
-    notes = [f"audio lines read as {audio_layout} (--audio-layout)", "no user codes in this log"]
+    how = "detected" if audio_layout_asked == "auto" else "asked"
+    notes = [f"audio lines read as {audio_layout} ({how}; --audio-layout)", "no user codes in this log"]
     if audio_layout == "frame" and d:
         notes.append(f"audio0 of the last {d} steps is unknown (logged in later frames)")
     return RustRun("lines", str(path), tokens, None, cfg, settings, text_seed, audio_seed,

@@ -135,9 +135,10 @@ class Sampler:
     forced_tokens: np.ndarray | None = None  # [steps, streams], -1 where the model decides
     forced_from: str | None = None
     dep_q: int | None = None  # audio streams per step (lines candle's audio RNG words up with steps)
+    fill: object | None = None  # forced: what decides where the token is -1 (a CandleStreams; None: greedy)
 
     def __post_init__(self) -> None:
-        self._candle = None
+        self._candle = self.fill if self.mode == "forced" else None
         if self.mode == "candle":  # the Rust CLI: text and audio processors seeded with the same seed
             from .candle import CandleStreams
 
@@ -150,20 +151,20 @@ class Sampler:
     @property
     def host_only(self) -> bool:
         """Decisions no device path reproduces (candle's sampler runs on the host only)."""
-        return self.mode == "candle"
+        return self._candle is not None
 
     def decide(self, step: int, stream: int, logits: np.ndarray) -> Decision:
         """Token and margin for a non-native mode; `logits` is a 1-D numpy vector."""
         temp, top_k = self.settings.for_stream(stream)
         if self.mode == "portable":
             return portable(logits, temp, top_k, self.seed, step, stream)
-        if self._candle is not None:
-            d = self._candle.decide(step, stream, logits)
-            return Decision(d.token, d.logit_margin)
         if self.mode == "forced":
             token = self.forced_token(step, stream)
             if token >= 0:
                 return Decision(token, top_two_gap(logits.astype(np.float64), token))
+        if self._candle is not None:  # candle mode, or a forced run's unknown token filled by candle's pick
+            d = self._candle.decide(step, stream, logits)
+            return Decision(d.token, d.logit_margin)
         return greedy(logits)
 
     def forced_token(self, step: int, stream: int) -> int:
@@ -179,8 +180,10 @@ class Sampler:
             out["forced_from"] = self.forced_from
         if self.mode == "portable":
             out["noise"] = "gumbel from Philox4x64-10 keyed by (seed, step<<16|stream), float64"
-        if self._candle is not None:
+        if self._candle is not None and self.mode == "candle":
             out.update(self._candle.describe())
+        elif self._candle is not None:
+            out["fill"] = self._candle.describe()  # forced tokens of -1 were decided by candle's sampler
         return out
 
 
