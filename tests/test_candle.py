@@ -20,7 +20,7 @@ from xbackend import candle
 from xbackend.candle import CandleSampler, StdRng, expf, select_nth_unstable_desc, softmax_f32, weighted_index
 from xbackend.errors import XBackendError
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 GOLDEN = ROOT.parent / "shared" / "peer" / "candle-sampler"
 needs_golden = pytest.mark.skipif(not (GOLDEN / "cases").is_dir(), reason=f"candle goldens not found at {GOLDEN}")
@@ -242,7 +242,7 @@ def test_public_api_and_identity():
 
 # --- --sampler candle on the real CLI --------------------------------------------------------------
 
-from .conftest import assert_clean_error, have, needs_tiny, run_cli  # noqa: E402
+from .helpers import assert_clean_error, have, needs_tiny, run_cli  # noqa: E402
 
 
 @needs_tiny

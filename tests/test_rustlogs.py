@@ -18,7 +18,7 @@ from xbackend.replay import ReplayRequest, replay
 from xbackend.rustlogs import read_run, read_session, write_token_trace
 from xbackend.samplers import RUST_CLI_SETTINGS
 
-from .conftest import assert_clean_error, needs_tiny, run_cli
+from .helpers import assert_clean_error, needs_tiny, run_cli
 from .rust_layout import rust_config, write_session, write_token_lines, write_verbose_log
 
 pytestmark = needs_tiny

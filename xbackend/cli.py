@@ -70,16 +70,26 @@ TIMEOUT_OPT = typer.Option(600.0, help="Seconds one run may take before it is ki
 ALIGNMENT_OPT = typer.Option("aligned", help="aligned (same frame at the same step everywhere) or upstream.")
 REPEATS_OPT = typer.Option(2, help="Native runs per backend, for repeatability.")
 _DEFAULT_SETTINGS = SamplingSettings()
-TEMP_TEXT_OPT = typer.Option(_DEFAULT_SETTINGS.temp_text, help="Text temperature (PyTorch LMGen default).")
-TOPK_TEXT_OPT = typer.Option(_DEFAULT_SETTINGS.top_k_text, help="Text top-k (0: every token).")
-TEMP_AUDIO_OPT = typer.Option(_DEFAULT_SETTINGS.temp_audio, help="Audio temperature.")
-TOPK_AUDIO_OPT = typer.Option(_DEFAULT_SETTINGS.top_k_audio, help="Audio top-k (0: every token).")
+TEMP_TEXT_OPT = typer.Option(None, help=f"Text temperature [default: {_DEFAULT_SETTINGS.temp_text} (PyTorch LMGen); "
+                                          "0.8 with --sampler candle (the Rust CLI)].")
+TOPK_TEXT_OPT = typer.Option(None, help=f"Text top-k, 0: every token [default: {_DEFAULT_SETTINGS.top_k_text}; "
+                                        "250 with --sampler candle].")
+TEMP_AUDIO_OPT = typer.Option(None, help=f"Audio temperature [default: {_DEFAULT_SETTINGS.temp_audio}].")
+TOPK_AUDIO_OPT = typer.Option(None, help=f"Audio top-k, 0: every token [default: {_DEFAULT_SETTINGS.top_k_audio}].")
 JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdout instead of the text output.")
 JSON_OUT_OPT = typer.Option(None, "--json-out", metavar="FILE", help="Also write the result as JSON to FILE.")
 
 
-def settings_options(temp_text: float, top_k_text: int, temp_audio: float, top_k_audio: int) -> SamplingSettings:
-    return SamplingSettings(temp_text=temp_text, top_k_text=top_k_text, temp_audio=temp_audio, top_k_audio=top_k_audio)
+def settings_options(temp_text: Optional[float], top_k_text: Optional[int], temp_audio: Optional[float],
+                     top_k_audio: Optional[int], sampler: str = "native") -> SamplingSettings:
+    """The sampling settings asked for; what is not given takes the sampler's defaults
+    (the Rust CLI's 0.8/250 for candle, PyTorch LMGen's otherwise)."""
+    from dataclasses import replace
+
+    from .samplers import default_settings, parse_mode
+
+    given = {"temp_text": temp_text, "top_k_text": top_k_text, "temp_audio": temp_audio, "top_k_audio": top_k_audio}
+    return replace(default_settings(parse_mode(sampler)[0]), **{k: v for k, v in given.items() if v is not None})
 
 
 def emit(data: dict | list, as_json: bool, json_out: Optional[Path], text: Callable[[], None]) -> None:
@@ -203,10 +213,10 @@ def capture(
     prompt: Optional[str] = PROMPT_OPT,
     seed: int = SEED_OPT,
     steps: int = typer.Option(50, help="Steps of 80 ms to generate."),
-    sampler: str = typer.Option("native", help="native, portable, greedy or forced:PATH."),
+    sampler: str = typer.Option("native", help="native, portable, greedy, candle (the Rust app's sampler) or forced:PATH."),
     alignment: str = ALIGNMENT_OPT,
-    temp_text: float = TEMP_TEXT_OPT, top_k_text: int = TOPK_TEXT_OPT,
-    temp_audio: float = TEMP_AUDIO_OPT, top_k_audio: int = TOPK_AUDIO_OPT,
+    temp_text: Optional[float] = TEMP_TEXT_OPT, top_k_text: Optional[int] = TOPK_TEXT_OPT,
+    temp_audio: Optional[float] = TEMP_AUDIO_OPT, top_k_audio: Optional[int] = TOPK_AUDIO_OPT,
     out: Path = typer.Option(Path("trace"), "--out", "-o", help="Trace directory to write."),
     plugin: Optional[List[Path]] = PLUGIN_OPT,
     as_json: bool = JSON_OPT,
@@ -219,7 +229,7 @@ def capture(
     load_plugins(plugin)
     req = CaptureRequest(backend=backend, model=model, model_config=model_config, prompt=prompt, seed=seed,
                          steps=steps, sampler=sampler, alignment=alignment,
-                         settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio))
+                         settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio, sampler))
     bar, update = progress_bar(f"capture {backend}")
     with bar:
         trace = run_capture(req, out, progress=update)
@@ -305,8 +315,10 @@ def compare(
     repeats: int = REPEATS_OPT,
     timeout: float = TIMEOUT_OPT,
     alignment: str = ALIGNMENT_OPT,
-    temp_text: float = TEMP_TEXT_OPT, top_k_text: int = TOPK_TEXT_OPT,
-    temp_audio: float = TEMP_AUDIO_OPT, top_k_audio: int = TOPK_AUDIO_OPT,
+    temp_text: Optional[float] = TEMP_TEXT_OPT, top_k_text: Optional[int] = TOPK_TEXT_OPT,
+    temp_audio: Optional[float] = TEMP_AUDIO_OPT, top_k_audio: Optional[int] = TOPK_AUDIO_OPT,
+    sampler: str = typer.Option("portable", help="Sampler of the comparable free runs: portable, or candle "
+                                                 "(the Rust app's TopK, bit-exact)."),
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Run directory to write."),
     codec: str = typer.Option("torch:cpu", "--codec", help="Codec spec that decodes the generated audio (torch:cpu, mlx:cpu, candle, ...)."),
     plugin: Optional[List[Path]] = PLUGIN_OPT,
@@ -318,8 +330,8 @@ def compare(
 
     req = CompareRequest(backends=tuple(backends.split(",")), model=model, model_config=model_config, prompt=prompt,
                          seed=seed, steps=steps, repeats=repeats, timeout=timeout, alignment=alignment,
-                         settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio),
-                         plugins=tuple(str(p) for p in plugin or []), codec=codec)
+                         settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio, sampler),
+                         sampler=sampler, plugins=tuple(str(p) for p in plugin or []), codec=codec)
     progress, on_event = run_progress()
     with progress:
         report = run_compare(req, out, on_event, min_backends=2)
@@ -415,9 +427,12 @@ def diff(
                       f"first token divergence: step {fd['step']}, stream {fd['stream']} "
                       f"(|Δlogit| {_fmt(fd.get('max_abs'))}, margins {_fmt(fd.get('margin_a'))} / {_fmt(fd.get('margin_b'))}, "
                       f"explained by drift: {fd.get('explained')})")
-        console.print("logits: bitwise identical" if data["logits_identical"] else
-                      f"logits: first bitwise difference at step {data['first_bitwise_step']}; "
-                      f"{'within' if data['within_tolerance'] else 'BEYOND'} tolerance {data['tolerance']:g}")
+        if not data["logits_compared"]:
+            console.print("logits: not compared (a token trace has none)")
+        else:
+            console.print("logits: bitwise identical" if data["logits_identical"] else
+                          f"logits: first bitwise difference at step {data['first_bitwise_step']}; "
+                          f"{'within' if data['within_tolerance'] else 'BEYOND'} tolerance {data['tolerance']:g}")
 
     emit(data, as_json, json_out, text)
     diverged = data.get("first_divergence") is not None or not data["within_tolerance"]
@@ -436,19 +451,20 @@ def repeat(
     model: str = MODEL_OPT, model_config: Optional[str] = MODEL_CONFIG_OPT, prompt: Optional[str] = PROMPT_OPT,
     seed: int = SEED_OPT, steps: int = typer.Option(50, help="Steps of 80 ms per run."), timeout: float = TIMEOUT_OPT,
     alignment: str = ALIGNMENT_OPT,
-    temp_text: float = TEMP_TEXT_OPT, top_k_text: int = TOPK_TEXT_OPT,
-    temp_audio: float = TEMP_AUDIO_OPT, top_k_audio: int = TOPK_AUDIO_OPT,
+    sampler: str = typer.Option("native", help="native, portable, greedy or candle (the Rust app's sampler)."),
+    temp_text: Optional[float] = TEMP_TEXT_OPT, top_k_text: Optional[int] = TOPK_TEXT_OPT,
+    temp_audio: Optional[float] = TEMP_AUDIO_OPT, top_k_audio: Optional[int] = TOPK_AUDIO_OPT,
     out: Path = typer.Option(Path("runs/repeat"), "--out", "-o", help="Directory for the runs' traces."),
     plugin: Optional[List[Path]] = PLUGIN_OPT,
     as_json: bool = JSON_OPT,
     json_out: Optional[Path] = JSON_OUT_OPT,
 ) -> None:
-    """Run one backend several times with the native sampler: is it bitwise repeatable?"""
+    """Run one backend several times with the same seed: is it bitwise repeatable?"""
     from .compare import CompareRequest, run_repeat
 
     req = CompareRequest(backends=(backend,), model=model, model_config=model_config, prompt=prompt, seed=seed,
-                         steps=steps, repeats=runs, timeout=timeout, alignment=alignment,
-                         settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio),
+                         steps=steps, repeats=runs, timeout=timeout, alignment=alignment, sampler=sampler,
+                         settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio, sampler),
                          plugins=tuple(str(p) for p in plugin or []))
     progress, on_event = run_progress()
     with progress:
@@ -572,8 +588,8 @@ def baseline_create(
     repeats: int = REPEATS_OPT,
     timeout: float = TIMEOUT_OPT,
     alignment: str = ALIGNMENT_OPT,
-    temp_text: float = TEMP_TEXT_OPT, top_k_text: int = TOPK_TEXT_OPT,
-    temp_audio: float = TEMP_AUDIO_OPT, top_k_audio: int = TOPK_AUDIO_OPT,
+    temp_text: Optional[float] = TEMP_TEXT_OPT, top_k_text: Optional[int] = TOPK_TEXT_OPT,
+    temp_audio: Optional[float] = TEMP_AUDIO_OPT, top_k_audio: Optional[int] = TOPK_AUDIO_OPT,
     plugin: Optional[List[Path]] = PLUGIN_OPT,
     as_json: bool = JSON_OPT,
     json_out: Optional[Path] = JSON_OUT_OPT,
@@ -648,12 +664,142 @@ def print_inspection(trace: Path, against: Optional[Path], plot: Optional[Path],
             typer.echo(f"no token differs from {against} over {data['against']['steps_compared']} steps")
         else:
             typer.echo(f"first divergence from {against}: step {at['step']}, {at['stream']} "
-                       f"({at['token_a']} vs {at['token_b']}, max |Δlogit| there {at['max_abs_there']:.3g})")
+                       f"({at['token_a']} vs {at['token_b']}, max |Δlogit| there {_fmt(at['max_abs_there'])})")
             typer.echo(f"tokens from step {at['step']} on (a: {trace}, b: {against}):")
             for name, pair in data["against"]["after"].items():
                 typer.echo(f"  {name:7} a {pair['a']}\n  {'':7} b {pair['b']}")
     if plot is not None:
         typer.echo(f"plot: {plot}")
+
+
+@command("import")
+@friendly
+def import_cmd(
+    path: Path = typer.Argument(..., help="A moshi-backend session .json (its .safetensors beside it), a MIMI_VERBOSE=1 "
+                                         "log, or a log with per-step token lines."),
+    out: Path = typer.Option(..., "--out", "-o", help="Token trace directory to write."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="session, verbose or lines (default: detected)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of both processors, for logs without a session file "
+                                                  "[default: 299792458, the Rust CLI's]."),
+    text_seed: Optional[int] = typer.Option(None, help="Text processor seed (overrides --seed)."),
+    audio_seed: Optional[int] = typer.Option(None, help="Audio processor seed (overrides --seed)."),
+    temp_text: Optional[float] = typer.Option(None, help="Text temperature [default: 0.8, the Rust CLI's]."),
+    top_k_text: Optional[int] = typer.Option(None, help="Text top-k [default: 250]."),
+    temp_audio: Optional[float] = typer.Option(None, help="Audio temperature [default: 0.8]."),
+    top_k_audio: Optional[int] = typer.Option(None, help="Audio top-k [default: 250]."),
+    acoustic_delay: Optional[int] = typer.Option(None, help="The app's acoustic delay [default: read from a "
+                                                            "MIMI_VERBOSE log, else 2 as moshi-cli]."),
+    text_pattern: Optional[str] = typer.Option(None, help="Regex of a text token line, groups step and token "
+                                                          "[default matches 'Step 12 text token: 345']."),
+    audio_pattern: Optional[str] = typer.Option(None, help="Regex of an audio token line, groups step and tokens "
+                                                           "[default matches 'Step 12 audio tokens: [1, 2]']."),
+    audio_layout: Optional[str] = typer.Option(None, help="frame (what State::last_audio_tokens() returns after the "
+                                                          "step), sampled (the step's depformer output) or auto "
+                                                          "[default: auto: frame unless there are audio lines before "
+                                                          "the acoustic delay]."),
+    text_vocab: Optional[int] = typer.Option(None, help="Text vocabulary of a token-line log [default: 32000]."),
+    audio_vocab: Optional[int] = typer.Option(None, help="Audio vocabulary of a token-line log [default: 2048]."),
+    allow_partial: bool = typer.Option(False, help="Import the complete steps of a log that ends inside a step."),
+    as_json: bool = JSON_OPT,
+    json_out: Optional[Path] = JSON_OUT_OPT,
+) -> None:
+    """Bring what a Rust Moshi app logged into xbackend as a token trace (tokens, user codes, seeds; no logits)."""
+    from .rustlogs import read_run, write_token_trace
+
+    given = {"temp_text": temp_text, "top_k_text": top_k_text, "temp_audio": temp_audio, "top_k_audio": top_k_audio}
+    options = {"settings": settings_options(temp_text, top_k_text, temp_audio, top_k_audio, "candle")
+               if any(v is not None for v in given.values()) else None,
+               "text_seed": text_seed if text_seed is not None else seed,
+               "audio_seed": audio_seed if audio_seed is not None else seed,
+               "acoustic_delay": acoustic_delay, "text_pattern": text_pattern, "audio_pattern": audio_pattern,
+               "audio_layout": audio_layout, "text_vocab": text_vocab, "audio_vocab": audio_vocab,
+               "allow_partial": allow_partial or None}
+    run = read_run(path, fmt, **options)
+    trace = write_token_trace(run, out)
+    data = {"trace": str(out), "format": run.format, "source": run.source, "steps": trace.steps,
+            "streams": trace.streams, "vocab": list(trace.meta["vocab"]), "text_seed": run.text_seed,
+            "audio_seed": run.audio_seed, "settings": run.settings.__dict__, "settings_from": run.settings_from,
+            "acoustic_delay": run.config["acoustic_delay"], "user_codebooks": int(trace.meta["n_inputs"]),
+            "unknown_tokens": int((run.tokens < 0).sum()), "transcript": run.transcript, "notes": list(run.notes)}
+    def text() -> None:
+        typer.echo(f"imported {trace.steps} steps ({run.format}) from {path} into {out}: {len(trace.streams)} streams, "
+                   f"seeds text {run.text_seed} / audio {run.audio_seed}, settings {run.settings.__dict__} "
+                   f"(from {run.settings_from}), acoustic delay {run.config['acoustic_delay']}, "
+                   f"{data['unknown_tokens']} unknown tokens")
+        for note in run.notes:
+            typer.echo(f"note: {note}")
+
+    emit(data, as_json, json_out, text)
+
+
+@command()
+@friendly
+def replay(
+    trace: Path = typer.Argument(..., help="A token trace from `xbackend import` (or a candle capture)."),
+    backend: str = typer.Option("cpu", "--backend", "-b", help="Backend spec whose logits candle's sampler replays on."),
+    model: str = MODEL_OPT,
+    model_config: Optional[str] = MODEL_CONFIG_OPT,
+    prompt: Optional[str] = typer.Option(None, help="The app's input audio or codes, when the trace has no user codes."),
+    steps: Optional[int] = typer.Option(None, help="Replay only the first N steps."),
+    out: Path = typer.Option(Path("runs/replay"), "--out", "-o", help="Directory for the forced trace, replay.json, report.md."),
+    as_json: bool = JSON_OPT,
+    json_out: Optional[Path] = JSON_OUT_OPT,
+    plugin: Optional[List[Path]] = PLUGIN_OPT,
+) -> None:
+    """Teacher-force a backend along a Rust app's tokens; is every token what candle's sampler picks on its logits?"""
+    from .replay import ReplayRequest
+    from .replay import replay as run_replay
+
+    load_plugins(plugin)
+    if steps is not None and steps < 1:
+        raise XBackendError(f"--steps must be at least 1, got {steps}")
+    bar, update = progress_bar(f"replay on {backend}")
+    with bar:
+        result = run_replay(ReplayRequest(trace=str(trace), backend=backend, model=model, model_config=model_config,
+                                          prompt=prompt, steps=steps), out, progress=update)
+    def text() -> None:
+        f = result["first_inconsistency"]
+        typer.echo(f"{result['verdict']}: " + ("consistent through step " + str(result["consistent_through"]) if f is None
+                                               else f"first inconsistency at step {f['step']}, {f['stream']}"))
+        typer.echo(result["explanation"])
+        typer.echo(f"report: {out / 'report.md'}")
+
+    emit(result, as_json, json_out, text)
+    raise typer.Exit(0 if result["verdict"] == "CONSISTENT" else 1)
+
+
+@command()
+@friendly
+def sessions(
+    directory: Path = typer.Argument(..., help="moshi-backend's log_dir (or a folder of imported token traces)."),
+    as_json: bool = JSON_OPT,
+    json_out: Optional[Path] = JSON_OUT_OPT,
+) -> None:
+    """Many sessions of the same input: distinct token sequences, where they part, transcripts, shared seeds."""
+    from .sessions import survey
+
+    data = survey(directory)
+    def text() -> None:
+        typer.echo(f"{data['sessions']} sessions, {data['distinct_sequences']} distinct token sequences"
+                   + ("" if data["same_settings"] else " (sampling settings differ between sessions)"))
+        for g in data["groups"]:
+            part = g["first_parting_from_group_0"]
+            where = "" if g["group"] == 0 else (
+                f"; parts from group 0 at step {part['step']}, {part['stream']}" if part and part.get("stream")
+                else f"; {part['why']}" if part else "")
+            typer.echo(f"  group {g['group']}: {g['count']} session(s), {g['steps']} steps{where}: {', '.join(g['sessions'])}")
+        for r in data["runs"]:
+            typer.echo(f"  {r['name']}: group {r['group']}, seeds {r['text_seed']}/{r['audio_seed']}, "
+                       f"transcript {r['transcript']!r}")
+        for s in data["shared_seeds"]:
+            typer.echo(f"  same seeds {s['text_seed']}/{s['audio_seed']}: {', '.join(s['sessions'])}")
+
+    emit(data, as_json, json_out, text)
+    if data["unreadable"]:
+        bad = data["unreadable"]
+        raise XBackendError(f"{len(bad)} of {len(bad) + data['sessions']} files in {directory} could not be read "
+                            f"(first: {bad[0]['name']}: {bad[0]['error']})",
+                            fix="the others are surveyed above; repair or remove the unreadable ones")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
