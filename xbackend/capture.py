@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import Job, StepRecorder, create_backend, require_available
+from .backends import Backend, Job, StepRecorder, create_backend, require_available
 from .backends.base import ALIGNMENTS
 from .errors import BackendFailed, XBackendError
 from .models import ModelRef, resolve_model
@@ -98,14 +98,55 @@ def check_request(req: CaptureRequest) -> None:
         raise XBackendError(f"--seed must be between 0 and 2**63-1, got {req.seed}")
 
 
+class LoadedBackend:
+    """A backend and its model, loaded once for any number of runs (load once per backend per command).
+
+    Resolving (`open_backend`) is cheap; the weights are loaded by the first run that needs them,
+    inside that run, so a checkpoint that fails to load is recorded in that run's trace. Every run
+    starts from fresh streaming state and re-seeds the library's RNG, so a run on a reused model is
+    bitwise the run a fresh process would make (tests/test_load_once.py proves it).
+    """
+
+    def __init__(self, backend: Backend, model: ModelRef, loaded: bool = False):
+        self.backend, self.model = backend, model
+        self.loaded = loaded
+        self.load_s = 0.0  # seconds the one load took
+        self.runs = 0
+
+    def load(self) -> float:
+        """Load the weights unless already loaded; returns the seconds this call spent loading."""
+        if self.loaded:
+            return 0.0
+        started = time.perf_counter()
+        self.backend.load(self.model)
+        self.backend.synchronize()  # MPS/CUDA/MLX load asynchronously: the load ends when the weights are there
+        self.loaded = True
+        self.load_s = time.perf_counter() - started
+        return self.load_s
+
+
+def open_backend(spec: str, model: str = "tiny", model_config: str | None = None) -> LoadedBackend:
+    """Resolve the model and create the backend (its availability checked); weights load at the first run."""
+    return LoadedBackend(require_available(create_backend(spec)), resolve_model(model, model_config))
+
+
 def capture(req: CaptureRequest, out: str | Path, progress: Callable[[int, int], None] | None = None,
             sampler: Sampler | None = None) -> Trace:
-    """Run `req` and write its trace to `out`; failures keep the steps done so far.
+    """Run `req` in a backend of its own and write its trace to `out`; failures keep the steps done so far.
 
     `sampler` replaces the one `req.sampler` names (replay builds its own forced sampler)."""
     check_request(req)
-    backend = require_available(create_backend(req.backend))
-    model = resolve_model(req.model, req.model_config)
+    return run_loaded(open_backend(req.backend, req.model, req.model_config), req, out, progress, sampler)
+
+
+def run_loaded(session: LoadedBackend, req: CaptureRequest, out: str | Path,
+               progress: Callable[[int, int], None] | None = None, sampler: Sampler | None = None) -> Trace:
+    """Run `req` on `session`'s backend (loading its model if no run has yet) and write the trace to `out`.
+
+    `req.backend` and `req.model` are not looked up again: the session's are used, and recorded.
+    """
+    check_request(req)
+    backend, model = session.backend, session.model
     sampler, forced_user = (sampler, None) if sampler is not None else make_sampler(req, model)
     if forced_user is not None:
         prompt = Prompt(forced_user, str(req.sampler.partition(":")[2]), "codes", codes_digest(forced_user))
@@ -113,6 +154,7 @@ def capture(req: CaptureRequest, out: str | Path, progress: Callable[[int, int],
         prompt = load_prompt(req.prompt, model, req.steps)
     job = Job(model, prompt.codes, req.steps, req.seed, sampler, req.alignment, req.run_index)
     backend.host_decisions = sampler.host_only
+    reused = session.loaded
     meta = {
         "backend": backend.label, "library": backend.library, "spec": dataclasses.asdict(backend.spec),
         "model": model.describe(), "prompt": prompt.describe(), "seed": req.seed,
@@ -120,11 +162,10 @@ def capture(req: CaptureRequest, out: str | Path, progress: Callable[[int, int],
         "alignment": {"mode": req.alignment, "consumes_late": backend.consumes_late,
                       "user_delays": model.user_delays},
         "delays": model.delays, "steps_requested": req.steps, "run_index": req.run_index,
-        "effective": backend.effective(), "env": backend.env(),
+        "effective": backend.effective(), "env": backend.env(), "model_reused": reused,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     writer = TraceWriter(Path(out), meta, model.streams, model.vocab, model.n_user)
-    started = time.perf_counter()
     first_done: list[float] = []
 
     def on_step(record) -> None:
@@ -135,38 +176,40 @@ def capture(req: CaptureRequest, out: str | Path, progress: Callable[[int, int],
             progress(writer.steps, req.steps)
 
     recorder = StepRecorder(job, model.streams, backend.on_logits)
+    session.runs += 1
+    load_s = 0.0
     try:
-        backend.load(model)
-        backend.synchronize()  # MPS/CUDA/MLX load asynchronously: the run's clock starts when the weights are there
+        load_s = session.load()
         writer.meta["effective"] = backend.effective()  # loading can settle knobs (quantized layers, weights)
         loaded = time.perf_counter()
         backend.generate(job, recorder, on_step)
         backend.synchronize()
         writer.meta["effective"] = backend.effective()  # running settles what was compiled
     except BackendFailed as exc:
-        writer.close("failed", error=str(exc), failed_at=recorder.position())
+        writer.close("failed", error=str(exc), failed_at=recorder.position(), load_s=round(load_s, 4))
         raise
     except XBackendError as exc:
-        writer.close("failed", error=str(exc))
+        writer.close("failed", error=str(exc), load_s=round(load_s, 4))
         raise
     except KeyboardInterrupt:
         writer.close("interrupted", error="interrupted by the user")
         raise
     except Exception as exc:
         message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        writer.close("failed", error=f"crashed at step {writer.steps}: {message}", failed_at=recorder.position())
+        writer.close("failed", error=f"crashed at step {writer.steps}: {message}", failed_at=recorder.position(),
+                     load_s=round(load_s, 4))
         raise BackendFailed(f"Backend {backend.label} crashed at step {writer.steps} ({message})",
                             asked=f"the {writer.steps} complete steps are kept in {out}") from exc
-    writer.close("complete", **run_timing(started, loaded, first_done[0] if first_done else None,
+    writer.close("complete", **run_timing(load_s, loaded, first_done[0] if first_done else None,
                                           time.perf_counter(), writer.steps))
     return load_trace(out)
 
 
-def run_timing(started: float, loaded: float, first: float | None, done: float, steps: int) -> dict:
-    """Load time, the first step apart (MPS builds its graphs, CUDA captures its graphs there),
-    and the mean of the other steps; with a single step, that step is the mean."""
+def run_timing(load_s: float, loaded: float, first: float | None, done: float, steps: int) -> dict:
+    """Load time (0 for a run on a model loaded before), the first step apart (MPS builds its graphs,
+    CUDA captures its graphs there), and the mean of the other steps; with a single step, that step is the mean."""
     first = loaded if first is None else first
     rest = max(steps - 1, 0)
     per_step = (done - first) / rest if rest else (first - loaded)
-    return {"load_s": round(loaded - started, 4), "elapsed_s": round(done - loaded, 4),
+    return {"load_s": round(load_s, 4), "elapsed_s": round(done - loaded, 4),
             "first_step_ms": round(1000 * (first - loaded), 3), "ms_per_step": round(1000 * per_step, 3)}

@@ -342,8 +342,8 @@ def compare(
         if report.get("codec"):
             typer.echo(f"audio decoded with codec {report['codec']['spec']} into {out / 'audio'}")
         typer.echo(f"run directory: {out} (report.json, traces/, audio/); took {t['wall_s']:.1f} s, of which "
-                   f"model steps {t['model_steps_s']:.1f} s and model loading {t['model_load_s']:.1f} s "
-                   f"over {t['runs']} runs")
+                   f"model steps {t['model_steps_s']:.1f} s and {t['loads']} model "
+                   f"load{'s' if t['loads'] != 1 else ''} {t['model_load_s']:.1f} s, over {t['runs']} runs")
         typer.echo("traces: " + ", ".join(f"{label} in {out / path}" for label, path in report["traces"].items()))
 
     emit(report, as_json, json_out, text)

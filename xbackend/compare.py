@@ -250,12 +250,16 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
 
 
 def timing(runs: dict[str, BackendRuns], wall: float) -> dict:
-    """Where the time went: model stepping and loading (from the traces) against the whole command."""
+    """Where the time went: model loads and model steps (from the traces) against the whole command.
+
+    A trace records the seconds its run spent loading the model (0 when it reused the one its
+    worker had loaded) and `model_reused`; traces from before load-once lack it, and each loaded."""
     traces = [t for r in runs.values() for t in [*r.native, r.portable, r.forced] if t is not None]
     model = sum(t.meta.get("elapsed_s") or 0.0 for t in traces)
     load = sum(t.meta.get("load_s") or 0.0 for t in traces)
+    loads = sum(not t.meta.get("model_reused", False) for t in traces)
     return {"wall_s": round(wall, 3), "model_steps_s": round(model, 3), "model_load_s": round(load, 3),
-            "other_s": round(wall - model - load, 3), "runs": len(traces)}
+            "loads": loads, "other_s": round(wall - model - load, 3), "runs": len(traces)}
 
 
 def build_report(req: CompareRequest, model, prompt, labels: list[str], backends: list[dict],

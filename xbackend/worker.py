@@ -1,7 +1,8 @@
 """A backend's runs in a process of their own (`python -m xbackend.worker JOBFILE`).
 
 `compare`, `repeat` and `check` start one worker per backend, so a crash, a hang or a NaN in
-one backend cannot take the others down. The worker reports on stdout, one JSON object a line:
+one backend cannot take the others down. A worker loads its model once and runs every run of its
+job on it (native repeats, portable, forced, arbiter: any list of requests). The worker reports on stdout, one JSON object a line:
 `start`, `step`, `done` or `failed` for each run.
 """
 
@@ -48,12 +49,14 @@ def request_from_json(data: dict):
 
 
 def worker_main(job_file: str) -> int:
+    """Run a job's runs in order; each backend and model is loaded once, by its first run, for all of them."""
     from .backends import load_plugin
-    from .capture import capture
+    from .capture import check_request, open_backend, run_loaded
 
     job = json.loads(Path(job_file).read_text())
     for plugin in job.get("plugins", []):
         load_plugin(plugin)
+    sessions: dict[tuple, object] = {}
     for run in job["runs"]:
         emit(event="start", name=run["name"])
         last = [0.0]
@@ -65,7 +68,12 @@ def worker_main(job_file: str) -> int:
                 emit(event="step", name=name, step=done, total=total)
 
         try:
-            capture(request_from_json(run["request"]), run["out"], progress=progress)
+            req = request_from_json(run["request"])
+            check_request(req)
+            key = (req.backend, req.model, req.model_config)
+            if key not in sessions:
+                sessions[key] = open_backend(*key)
+            run_loaded(sessions[key], req, run["out"], progress=progress)
         except XBackendError as exc:
             emit(event="failed", name=run["name"], error=str(exc), exit_code=exc.exit_code)
             return exc.exit_code

@@ -1,0 +1,85 @@
+"""Load once per backend per command: a run on a model that other runs used first is bitwise the
+run a fresh process makes (logits, tokens, margins, digests), for PyTorch and MLX, native sampler
+included; and a compare loads each backend's model exactly once."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from xbackend.capture import CaptureRequest, open_backend, run_loaded
+from xbackend.compare import CompareRequest, run_compare
+from xbackend.trace import load_trace
+
+from .conftest import have, needs_tiny, run_cli
+
+STEPS = 24
+SEED = 299792458
+
+pytestmark = needs_tiny
+
+
+def assert_bitwise(a, b):
+    assert a.steps == b.steps == STEPS
+    assert a.digests == b.digests
+    for s in a.streams:
+        assert np.array_equal(a.logits(s).view(np.uint32), b.logits(s).view(np.uint32)), s
+    assert np.array_equal(a.tokens, b.tokens)
+    assert np.array_equal(a.margins.view(np.uint32), b.margins.view(np.uint32))
+
+
+def fresh(tmp_path, name: str, backend: str, sampler: str, seed: int = SEED):
+    """The same run as `xbackend capture` makes it, in a process of its own."""
+    proc = run_cli("capture", "--backend", backend, "--sampler", sampler, "--seed", str(seed),
+                   "--steps", str(STEPS), "--out", str(tmp_path / name))
+    assert proc.returncode == 0, proc.stderr
+    return load_trace(tmp_path / name)
+
+
+def sequence_on_one_model(tmp_path, backend: str):
+    """native, portable, native with another seed, greedy, then native and portable again: one load."""
+    session = open_backend(backend)
+    plan = [("native", SEED), ("portable", SEED), ("native", 7), ("greedy", SEED), ("native", SEED),
+            ("portable", SEED)]
+    traces = []
+    for i, (sampler, seed) in enumerate(plan):
+        req = CaptureRequest(backend=backend, sampler=sampler, seed=seed, steps=STEPS)
+        traces.append(run_loaded(session, req, tmp_path / f"seq-{i}-{sampler}-{seed}"))
+    return session, traces
+
+
+@pytest.mark.parametrize("backend", [
+    "cpu",
+    pytest.param("mlx:cpu", marks=[pytest.mark.mlx, pytest.mark.skipif(not have("moshi_mlx"),
+                                                                         reason="moshi_mlx not installed")]),
+])
+def test_runs_on_a_reused_model_are_the_fresh_process_runs(tmp_path, backend):
+    session, seq = sequence_on_one_model(tmp_path, backend)
+    assert session.runs == 6 and session.loaded
+    assert [t.meta["model_reused"] for t in seq] == [False] + [True] * 5
+    assert seq[0].meta["load_s"] > 0 and all(t.meta["load_s"] == 0 for t in seq[1:])
+    native, portable = fresh(tmp_path, "fresh-native", backend, "native"), fresh(tmp_path, "fresh-portable", backend,
+                                                                                 "portable")
+    assert not native.meta["model_reused"]
+    assert_bitwise(seq[0], native)  # first run on the loaded model
+    assert_bitwise(seq[4], native)  # after four other runs, one with another seed: the RNG is re-seeded
+    assert_bitwise(seq[1], portable)
+    assert_bitwise(seq[5], portable)
+    # the other seed really drew other tokens: the equalities above are not vacuous
+    assert not np.array_equal(seq[2].tokens, seq[0].tokens)
+
+
+def test_compare_loads_each_backend_once(tmp_path):
+    report = run_compare(CompareRequest(backends=("cpu", "cpu"), steps=12, repeats=3, decode_audio=False),
+                         tmp_path / "run")
+    t = report["timing"]
+    # per backend: 3 native repeats and the portable run; the second also its forced run
+    assert t["runs"] == 9 and t["loads"] == 2
+    assert t["model_load_s"] > 0 and t["model_steps_s"] > 0
+    assert t["other_s"] == pytest.approx(t["wall_s"] - t["model_steps_s"] - t["model_load_s"], abs=2e-3)
+    metas = [json.loads(p.read_text()) for p in sorted((tmp_path / "run" / "traces").glob("*/*/meta.json"))]
+    assert sorted(m["model_reused"] for m in metas) == [False] * 2 + [True] * 7
+    assert all(m["status"] == "complete" for m in metas)
+    assert report["verdicts"][0]["verdict"] == "IDENTICAL"
