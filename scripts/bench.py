@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import platform
@@ -40,8 +39,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from xbackend import Job, Sampler, SamplingSettings, StepRecorder, create_backend  # noqa: E402
+from xbackend import CaptureRequest, Job, Sampler, SamplingSettings, create_backend  # noqa: E402
 from xbackend.bench import bench_diff  # noqa: E402
+from xbackend.capture import LoadedBackend, run_loaded  # noqa: E402
 from xbackend.models import MOSHI_7B_CONFIG, ModelRef, resolve_model  # noqa: E402
 from xbackend.prompt import load_prompt  # noqa: E402
 from xbackend.synthetic import MOSHI_7B_VOCAB, synthetic_trace  # noqa: E402
@@ -79,7 +79,7 @@ def load(args):
         raise SystemExit(f"error: {spec} is unavailable here: {reason}")
     if args.model == "tiny":
         model = resolve_model("tiny")
-        backend.load(model)
+        LoadedBackend(backend, model).load()
         codes = load_prompt(None, model, args.steps).codes
     elif args.model == "7b-random":
         if backend.library != "torch":
@@ -212,36 +212,26 @@ def plain_mlx(backend, model, codes, args, read_back: bool) -> float:
 
 def capture_loaded(backend, model, codes, sampler: Sampler, steps: int, out: Path,
                    warmup: int = 0) -> tuple[float, object]:
-    """Capture with an already loaded backend, writing the trace as `xbackend capture` does.
+    """Capture with an already loaded backend through xbackend's own `run_loaded`, trace written.
 
-    Returns (ms/step after the warm-up steps, the trace). Steps are timed by when they reach the
-    trace (`per_step`), as a real capture writes them.
+    The user codes are saved beside `out` and given as the prompt; a forced sampler names the
+    trace it replays in `forced_from`. Returns (ms/step after the warm-up steps, the trace). Steps
+    are timed by when they reach the trace (`per_step`), as a real capture writes them.
     """
-    job = Job(model, codes, steps, sampler.seed, sampler)
-    meta = {"backend": backend.label, "library": backend.library, "spec": dataclasses.asdict(backend.spec),
-            "model": model.describe(), "prompt": {"source": "bench", "kind": "codes"}, "seed": sampler.seed,
-            "sampler": sampler.describe(), "settings": dataclasses.asdict(sampler.settings),
-            "alignment": {"mode": "aligned", "consumes_late": backend.consumes_late},
-            "delays": model.delays, "steps_requested": steps, "run_index": 0,
-            "effective": backend.effective(), "env": backend.env()}
-    writer = TraceWriter(out, meta, model.streams, model.vocab, model.n_user)
+    prompt = out.parent / f"{out.name}-codes.npy"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(prompt, codes[:, :max(steps, 1)])
+    mode = f"forced:{sampler.forced_from}" if sampler.mode == "forced" else sampler.mode
+    req = CaptureRequest(backend=backend.label, sampler=mode, seed=sampler.seed, steps=steps, prompt=str(prompt),
+                         settings=sampler.settings)
     marks: list[float] = []
-
-    def on_step(record) -> None:
-        writer.write_step(record.logits, record.tokens, record.margins, record.inputs)
-        marks.append(time.perf_counter())
-
-    recorder = StepRecorder(job, model.streams, backend.on_logits)
     started = time.perf_counter()
-    try:
-        backend.generate(job, recorder, on_step)
-    except BaseException as exc:
-        writer.close("failed", error=str(exc))
-        raise
-    writer.close("complete")
+    trace = run_loaded(LoadedBackend(backend, model, loaded=True), req, out,
+                       progress=lambda done, total: marks.append(time.perf_counter()))
+    prompt.unlink()
     if warmup == 0:
-        return 1000 * (marks[-1] - started) / steps, load_trace(out)
-    return per_step(marks, warmup), load_trace(out)
+        return 1000 * (marks[-1] - started) / steps, trace
+    return per_step(marks, warmup), trace
 
 
 def variants(args, library: str) -> list[str]:
@@ -260,8 +250,7 @@ def run_variant(name, backend, model, codes, args, forced, work: Path) -> float:
     kind, mode = name.split()
     if backend.library == "torch":
         backend.path_choice = "host" if kind == "host" else None
-    sampler = Sampler(mode, SEED, SamplingSettings(), forced_tokens=forced if mode == "forced" else None,
-                      forced_from="bench" if mode == "forced" else None)
+    sampler = Sampler(mode, SEED, SamplingSettings(), forced_from=str(forced) if mode == "forced" else None)
     out = work / name.replace(" ", "-")
     ms, trace = capture_loaded(backend, model, codes, sampler, args.steps, out, args.warmup)
     shutil.rmtree(out, ignore_errors=True)
@@ -368,11 +357,12 @@ def main(argv: list[str] | None = None) -> dict:
     # A first native capture warms everything up (allocator, kernels, handles) and gives the
     # tokens that forced mode replays.
     _, source = capture_loaded(backend, model, codes, Sampler("native", SEED), args.steps, work / "source")
-    forced = np.array(source.tokens, dtype=np.int64)
+    forced = source.path  # the trace that forced mode replays
     if backend.library == "torch":
         # Upstream's own tokens, twice: capture native must give them, as far as upstream repeats itself.
         first, second = plain_tokens(backend, model, codes, args), plain_tokens(backend, model, codes, args)
-        info["native_vs_upstream"] = {"steps": args.steps, "capture_vs_upstream": first_difference(forced, first),
+        native = np.asarray(source.tokens, dtype=np.int64)
+        info["native_vs_upstream"] = {"steps": args.steps, "capture_vs_upstream": first_difference(native, first),
                                       "upstream_vs_upstream": first_difference(first, second)}
         print(f"first differing step of sampled tokens, same seed ({args.steps} steps; None: identical): "
               f"capture native vs plain upstream {info['native_vs_upstream']['capture_vs_upstream']}, "

@@ -123,7 +123,7 @@ def seven_b(work: Path, steps: int, path_steps: int, dev: str, layers: int | Non
 
     def cap(name, mode="native", n=steps, forced=None, path=None):
         backend.path_choice = path
-        sampler = Sampler(mode, SEED, settings, forced_tokens=forced, forced_from="validate" if forced is not None else None)
+        sampler = Sampler(mode, SEED, settings, forced_from=forced)
         ms, tr = capture_loaded(backend, model, codes, sampler, n, work / name, warmup=min(10, n - 2))
         log(f"  7b {name}: {ms:.2f} ms/step, effective {backend.effective()}")
         return ms, tr
@@ -147,7 +147,7 @@ def seven_b(work: Path, steps: int, path_steps: int, dev: str, layers: int | Non
     _, pa = cap("bf16-portable", "portable")
     _, pb = cap("bf16-portable-2", "portable")
     out["repeat_bf16_portable"] = identical(pa, pb)
-    forced32 = np.array(ref32.tokens, dtype=np.int64)
+    forced32 = str(ref32.path)  # forced runs replay the fp32 trace's tokens
     _, f16 = cap("bf16-forced-on-fp32", "forced", forced=forced32)
     out["drift_bf16_vs_fp32"] = drift(ref32, f16)
     log(f"  7b drift bf16 vs fp32: {out['drift_bf16_vs_fp32']}")
