@@ -21,17 +21,22 @@ def generated_codes(model: ModelRef, trace: Trace) -> np.ndarray:
     return np.stack([tokens[d: d + frames, k] for k, d in enumerate(delays)]).astype(np.int64)
 
 
-def tokens_to_wav(model: ModelRef, trace: Trace, path: Path, codec_spec: str = REFERENCE_CODEC) -> Path:
-    """Decode a trace's audio tokens with `codec_spec` (default: the reference codec) to a 16-bit WAV."""
-    import soundfile as sf
-
+def decode_trace(model: ModelRef, trace: Trace, codec_spec: str = REFERENCE_CODEC) -> np.ndarray:
+    """A run's generated audio, 24 kHz mono float32, decoded by `codec_spec` (default: the reference codec)."""
     from .codecs import decode_codes
 
     codec = model.codec or tiny_codec()
     codes = generated_codes(model, trace)
     if codes.max(initial=0) >= 2 ** 16:
         raise XBackendError("audio tokens out of range")
-    audio = decode_codes(codec, codes, codec_spec)
+    return decode_codes(codec, codes, codec_spec)
+
+
+def tokens_to_wav(model: ModelRef, trace: Trace, path: Path, codec_spec: str = REFERENCE_CODEC) -> Path:
+    """Decode a trace's audio tokens with `codec_spec` (default: the reference codec) to a 16-bit WAV."""
+    import soundfile as sf
+
+    audio = decode_trace(model, trace, codec_spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), audio, SAMPLE_RATE, subtype="PCM_16")
     return path

@@ -301,6 +301,26 @@ def print_verdicts(report: dict) -> None:
         console.print(f"[bold]{v['backend']}[/bold] ({v['verdict']}): {v['explanation']}")
         if v["secondary"]:
             console.print("  also: " + ", ".join(s["verdict"] for s in v["secondary"]))
+    print_words(report.get("words"))
+
+
+def print_words(words: Optional[dict]) -> None:
+    """Each run's decoded text, marked where it first parts from the run it is held against."""
+    from .words import shorten
+
+    if not words or not words.get("runs"):
+        return
+    if words.get("tokenizer") is None:
+        typer.echo("words: none (the model has no text tokenizer; a checkpoint directory may hold "
+                   "tokenizer_spm_32k_3.model, or config.json may name it as tokenizer_name)")
+        return
+    typer.echo(f"words ({words['tokenizer']['name']}; {words['mark']} marks the first step where a run's tokens "
+               "differ from the run named after it):")
+    width = max(len(r["backend"]) for r in words["runs"])
+    for r in words["runs"]:
+        against = f"  (vs {r['against']}" + (f", step {r['first_divergence']['step']})" if r["first_divergence"]
+                                             else ", no difference)") if r["against"] else ""
+        typer.echo(f"  {r['backend']:<{width}} {r['run']:<9} {shorten(r['marked']) or '(no words)'}{against}")
 
 
 @command()
@@ -477,8 +497,15 @@ def repeat(
         if result["first_nondeterministic_step"] is not None:
             typer.echo(f"first nondeterministic step: {result['first_nondeterministic_step']} "
                        f"({result['first_nondeterministic_stream']}); run-to-run drift {result['run_to_run_drift']:.3g}")
+        from .words import shorten
+
+        words = result.get("words") or []
+        typer.echo(f"{result['identical_text_runs']}/{n} runs give the same words as run 0, "
+                   f"{result['identical_audio_runs']}/{n} the same decoded audio")
         for i, d in enumerate(result["run_digests"]):
-            typer.echo(f"  run {i}: {d}")
+            w = words[i] if i < len(words) else {}
+            typer.echo(f"  run {i}: {d}  audio {w.get('audio_digest') or '-'}  "
+                       f"{shorten(w.get('text') or '') or '(no words)'}")
         for f in result["failures"]:
             typer.echo(f"  {f['run']}: {f['status']} - {f['error']}", err=True)
 
@@ -659,12 +686,17 @@ def print_inspection(trace: Path, against: Optional[Path], plot: Optional[Path],
     pad = data["text_padding"]
     if pad["ratio"] is not None:
         typer.echo(f"text padding (id {pad['id']}): {pad['ratio']:.1%} of steps (runs and loops of it are ignored)")
+    typer.echo(f"words: {data['text'] or '(none: no text tokenizer for this model, or nothing but padding)'}")
     if against is not None:
         if at is None:
             typer.echo(f"no token differs from {against} over {data['against']['steps_compared']} steps")
         else:
             typer.echo(f"first divergence from {against}: step {at['step']}, {at['stream']} "
                        f"({at['token_a']} vs {at['token_b']}, max |Δlogit| there {_fmt(at['max_abs_there'])})")
+            from .words import MARK
+
+            typer.echo(f"words ({MARK} marks step {at['step']}):\n  a {data['against']['words']['a'] or '-'}\n"
+                       f"  b {data['against']['words']['b'] or '-'}")
             typer.echo(f"tokens from step {at['step']} on (a: {trace}, b: {against}):")
             for name, pair in data["against"]["after"].items():
                 typer.echo(f"  {name:7} a {pair['a']}\n  {'':7} b {pair['b']}")

@@ -26,6 +26,7 @@ from .prompt import Prompt, load_prompt
 from .samplers import SamplingSettings, parse_mode
 from .spec import parse_specs
 from .trace import Trace, TruncatedTraceWarning, load_trace, write_json_atomic
+from .words import run_words
 from .worker import RunOutcome, request_to_json, run_worker
 
 SCHEMA = "xbackend.report/1"
@@ -240,6 +241,7 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
         trace = (runs[label].native or [None])[0]
         entry["env"] = trace.meta.get("env") if trace is not None else None
     report = build_report(req, model, prompt, labels, backends, runs, out)
+    report["words"] = run_words({label: named_runs(r) for label, r in runs.items()}, labels[0])
     if req.decode_audio:
         report["audio"] = decode_audio(model, runs, out, req.codec)
         report["codec"] = {"spec": req.codec, "used_for": "decoding each backend's audio tokens to audio/*.wav",
@@ -247,6 +249,11 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
     report["timing"] = timing(runs, time.perf_counter() - started)
     write_json_atomic(out / "report.json", report)
     return report
+
+
+def named_runs(runs: BackendRuns) -> dict[str, Trace | None]:
+    """A backend's traces by run name (`native-0`, ..., `portable`, `forced`)."""
+    return {**{f"native-{i}": t for i, t in enumerate(runs.native)}, "portable": runs.portable, "forced": runs.forced}
 
 
 def timing(runs: dict[str, BackendRuns], wall: float) -> dict:
@@ -376,9 +383,39 @@ def run_repeat(req: CompareRequest, out: str | Path, on_event: EventFn | None = 
     result["identical_logits_runs"] = sum(t.digests == traces[0].digests for t in traces)
     result["identical_token_runs"] = sum(np.array_equal(t.tokens, traces[0].tokens) for t in traces)
     result["run_digests"] = [_run_digest(t) for t in traces]
+    result["words"] = repeat_words(model, traces, out, req.decode_audio)
+    result["identical_text_runs"] = sum(w["text"] == result["words"][0]["text"] for w in result["words"])
+    digests = [w["audio_digest"] for w in result["words"]]
+    result["identical_audio_runs"] = sum(d is not None and d == digests[0] for d in digests)
     result["schema"] = "xbackend.repeat/1"
     write_json_atomic(out / "repeat.json", result)
     return result
+
+
+def repeat_words(model, traces: list[Trace], out: Path, decode: bool = True) -> list[dict]:
+    """Per run: its words and a digest of its decoded audio (written to audio/run-N.wav): how many of
+    N runs say the same thing, and sound the same."""
+    import soundfile as sf
+
+    from .audio import decode_trace
+    from .prompt import SAMPLE_RATE
+    from .words import audio_digest
+
+    rows = []
+    for i, trace in enumerate(traces):
+        row = {"run": i, "text": trace.text(), "audio_digest": None, "audio": None}
+        if decode and trace.steps > max(model.delays) and model.dep_q:
+            try:
+                samples = decode_trace(model, trace)
+            except XBackendError as exc:
+                row["audio"] = f"not decoded: {exc}"
+            else:
+                path = out / "audio" / f"run-{i}.wav"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sf.write(str(path), samples, SAMPLE_RATE, subtype="PCM_16")
+                row.update(audio_digest=audio_digest(samples), audio=str(path.relative_to(out)))
+        rows.append(row)
+    return rows
 
 
 def _run_digest(trace: Trace) -> str:

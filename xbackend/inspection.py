@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
+from . import metrics, words
 from .trace import Trace
 
 LOOP_MIN_REPEATS = 3
@@ -130,6 +130,7 @@ class Inspection:
     padding_id: int
     padding_ratio: float | None
     streams: tuple[StreamSummary, ...]
+    text: str = ""  # the text stream as words ('' without a tokenizer)
 
     def stream(self, name: str) -> StreamSummary:
         return next(s for s in self.streams if s.stream == name)
@@ -140,7 +141,7 @@ class Inspection:
                             "of": "softmax of the full vocabulary (no top-k)"},
                 "loop_rule": {"min_repeats": LOOP_MIN_REPEATS, "min_span": LOOP_MIN_SPAN, "max_period": MAX_PERIOD},
                 "text_padding": {"id": self.padding_id, "ratio": self.padding_ratio},
-                "streams": {s.stream: s.to_dict() for s in self.streams}}
+                "text": self.text, "streams": {s.stream: s.to_dict() for s in self.streams}}
 
 
 def inspect_trace(trace: Trace) -> Inspection:
@@ -155,17 +156,20 @@ def inspect_trace(trace: Trace) -> Inspection:
     if "text" in trace.streams and trace.steps:
         ratio = float(np.mean(trace.tokens[:, trace.streams.index("text")] == pad))
     return Inspection(str(trace.path), trace.meta.get("backend"), (trace.meta.get("sampler") or {}).get("mode"),
-                      trace.steps, pad, ratio, tuple(summaries))
+                      trace.steps, pad, ratio, tuple(summaries), trace.text())
 
 
 def divergence(a: Trace, b: Trace, after: int = AFTER) -> dict:
     """Where two traces first sampled different tokens, and what each sampled from there on."""
     n = min(a.steps, b.steps)
     found = metrics.first_token_divergence(a, b)
-    out = {"against": str(b.path), "steps_compared": n, "first_divergence": None, "after": {}}
+    out = {"against": str(b.path), "steps_compared": n, "first_divergence": None, "after": {},
+           "words": {"a": a.text(), "b": b.text()}}
     if found is None:
         return out
     step, stream = found
+    out["words"] = {side: words.join(p, step) if p is not None else "" for side, p in
+                    (("a", words.pieces(a)), ("b", words.pieces(b)))}
     col = a.streams.index(stream)
     delta = metrics.max_abs_at(a, b, step, stream) if a.has_logits and b.has_logits else None
     out.update(first_divergence={"step": step, "stream": stream, "token_a": int(a.tokens[step, col]),

@@ -38,6 +38,8 @@ MOSHI_7B_CONFIG = {
 NON_LM_KEYS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name",
                "model_type", "lm_gen_config", "tts_config", "stt_config", "model_id")
 MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+# The text tokenizer Kyutai's repositories ship (config.json `tokenizer_name`), then the bundled model's.
+TEXT_TOKENIZER_NAMES = ("tokenizer_spm_32k_3.model", "tokenizer.model")
 FULL_HASH_LIMIT = 256 << 20
 
 
@@ -61,6 +63,7 @@ class ModelRef:
     layout: str  # published (in_proj_weight) | per_step (in_projs.N) | mlx (moshi_mlx native)
     quant: str | None = None  # bit width of an MLX-native quantized checkpoint
     codec: CodecRef | None = field(default=None, compare=False)
+    tokenizer: Path | None = field(default=None, compare=False)  # SentencePiece model of the text stream
 
     @property
     def dep_q(self) -> int:
@@ -89,8 +92,12 @@ class ModelRef:
         return [int(d) for d in self.config["delays"][1 + self.dep_q:]]
 
     def describe(self) -> dict:
-        return {"name": self.name, "digest": self.digest, "source": self.source, "layout": self.layout,
-                "quant": self.quant, "weights": str(self.weights), "config": self.config}
+        out = {"name": self.name, "digest": self.digest, "source": self.source, "layout": self.layout,
+               "quant": self.quant, "weights": str(self.weights), "config": self.config}
+        if self.tokenizer is not None:
+            out["tokenizer"] = {"name": self.tokenizer.name, "path": str(self.tokenizer),
+                                "digest": file_digest(self.tokenizer)}
+        return out
 
 
 def safetensors_header(path: Path) -> dict:
@@ -167,7 +174,7 @@ def to_published_layout(state: dict, concatenate: Callable = np.concatenate) -> 
     return out
 
 
-def _read_config(path: Path) -> dict:
+def _read_raw_config(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -179,15 +186,28 @@ def _read_config(path: Path) -> dict:
         raise XBackendError(f"Model config {path} is not a Moshi LM config",
                             asked="expected the LMModel keyword arguments (dim, n_q, dep_q, card, "
                             "text_card, delays, ...), as in moshi's configs/moshi_7b_202409.json")
-    return {k: v for k, v in data.items() if k not in NON_LM_KEYS}
+    return data
 
 
 def _local(name: str, weights: Path, config_path: Path, source: str, codec: CodecRef | None) -> ModelRef:
-    config = _read_config(config_path)
+    raw = _read_raw_config(config_path)
+    config = {k: v for k, v in raw.items() if k not in NON_LM_KEYS}
     layout, quant = detect_layout(weights)
     digest = hashlib.sha256((file_digest(weights) + json.dumps(config, sort_keys=True)).encode()).hexdigest()[:16]
     return ModelRef(name=name, config=config, weights=weights, digest=digest, source=source,
-                    layout=layout, quant=quant, codec=codec)
+                    layout=layout, quant=quant, codec=codec, tokenizer=_local_tokenizer(weights.parent, raw))
+
+
+def _local_tokenizer(directory: Path, raw: dict) -> Path | None:
+    """The text tokenizer beside a checkpoint: the file config.json names, else a known name.
+
+    A name is a plain file name in the checkpoint's directory: a path elsewhere is not followed."""
+    named = raw.get("tokenizer_name")
+    names = [named] if isinstance(named, str) and named == Path(named).name and named not in ("", ".", "..") else []
+    for candidate in names + list(TEXT_TOKENIZER_NAMES):
+        if (directory / candidate).is_file():
+            return directory / candidate
+    return None
 
 
 def _pick_weights(directory: Path) -> Path:
@@ -277,6 +297,8 @@ def _from_hub(name: str, config: str | None) -> ModelRef:
         weights = Path(hf_hub_download(repo, weights_name))
         mimi_name = raw.get("mimi_name", MIMI_NAME)
         codec = CodecRef(Path(hf_hub_download(repo, mimi_name)), None) if mimi_name in files else None
+        tokenizer_name = next((n for n in [raw.get("tokenizer_name"), *TEXT_TOKENIZER_NAMES] if n in files), None)
+        tokenizer = Path(hf_hub_download(repo, tokenizer_name)) if tokenizer_name else None
     except XBackendError:
         raise
     except Exception as exc:  # huggingface_hub raises many types: offline, 404, auth
@@ -285,4 +307,4 @@ def _from_hub(name: str, config: str | None) -> ModelRef:
     layout, quant = detect_layout(weights)
     digest = hashlib.sha256((file_digest(weights) + json.dumps(config_dict, sort_keys=True)).encode()).hexdigest()[:16]
     return ModelRef(name=name, config=config_dict, weights=weights, digest=digest, source="hf",
-                    layout=layout, quant=quant, codec=codec)
+                    layout=layout, quant=quant, codec=codec, tokenizer=tokenizer)

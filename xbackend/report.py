@@ -498,6 +498,28 @@ def _verdict_section(report: dict) -> list[str]:
     return out + [""]
 
 
+def _words_section(report: dict) -> list[str]:
+    """Each run's decoded text, marked where it parts from the run it is held against."""
+    words = report.get("words")
+    rows = words.get("runs") if isinstance(words, dict) else None
+    if not isinstance(rows, list) or not rows or not isinstance(words.get("tokenizer"), dict):
+        return []
+    mark = str(words.get("mark", ""))
+
+    def code(text) -> str:
+        text = str(text or "").replace("`", "'")
+        return f"`{text}`" if text else "(no words)"
+
+    table = [[r.get("backend"), r.get("run"), code(r.get("marked")),
+              f"{r['against']}: " + (f"step {r['first_divergence'].get('step')}"
+                                     if isinstance(r.get("first_divergence"), dict) else "same tokens")
+              if r.get("against") else "-"] for r in rows if isinstance(r, dict)]
+    return ["## Words", "",
+            f"The text stream decoded by the model's tokenizer (`{words['tokenizer'].get('name')}`); `{mark}` marks "
+            "the first step where a run's tokens differ from the run it is held against.", "",
+            md_table(["backend", "run", "words", "against"], table), ""]
+
+
 def _reproduce_section(report: dict) -> list[str]:
     req = report["request"]
     out = ["## Reproduce", "", "```sh", reproduce_command(report), "```", "",
@@ -592,7 +614,7 @@ def render_markdown(run: RunDir, divs: list[Divergence], plots: dict[str, Path],
     head = [f"# xbackend: {', '.join(req['backends'])} on model `{req['model']}`", "",
             f"Reference **{report['reference']}**; seed {req['seed']}, {req['steps']} steps, {req['repeats']} native "
             f"runs per backend, alignment `{req['alignment']}`; xbackend {__version__}; run {report.get('created')}.", ""]
-    body = (_verdict_section(report) + _divergence_section(divs) + _drift_section(run, plots)
+    body = (_verdict_section(report) + _words_section(report) + _divergence_section(divs) + _drift_section(run, plots)
             + _reproduce_section(report) + _env_section(report) + _bundle_section(plan))
     if report.get("failures"):
         body += ["## Failures", "", md_table(["run", "status", "error", "failed at", "steps done"],

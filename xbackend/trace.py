@@ -161,6 +161,13 @@ class Trace:
     def complete(self) -> bool:
         return self.meta.get("status") == "complete"
 
+    def text(self, tokenizer: str | os.PathLike | None = None) -> str:
+        """The run's text stream as words, decoded by its model's SentencePiece tokenizer (or the
+        given one); '' when there is none. See `xbackend.words`."""
+        from .words import trace_text
+
+        return trace_text(self, tokenizer)
+
 
 def _bad_trace(path: Path, why: str) -> XBackendError:
     return XBackendError(f"Cannot load trace {path}: {why}",
