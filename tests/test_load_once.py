@@ -83,3 +83,7 @@ def test_compare_loads_each_backend_once(tmp_path):
     assert sorted(m["model_reused"] for m in metas) == [False] * 2 + [True] * 7
     assert all(m["status"] == "complete" for m in metas)
     assert report["verdicts"][0]["verdict"] == "IDENTICAL"
+    words = {(r["backend"], r["run"]): r for r in report["words"]["runs"]}
+    assert len(words) == 9 and words[("cpu", "native-0")]["text"]
+    assert words[("cpu#2", "native-2")]["text"] == words[("cpu", "native-0")]["text"]
+    assert words[("cpu#2", "native-2")]["first_divergence"] is None
