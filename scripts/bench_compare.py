@@ -86,7 +86,8 @@ def trace_bytes(run: Path) -> dict:
 
 
 def run_compare(args, model: str, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "xbackend", "compare", "--backends", args.backends, "--model", model,
+    profile = ["-m", "cProfile", "-o", f"{args.profile}.prof"] if args.profile else []
+    cmd = [sys.executable, *profile, "-m", "xbackend", "compare", "--backends", args.backends, "--model", model,
            "--steps", str(args.steps), "--out", str(out), *args.extra.split()]
     if out.exists():
         shutil.rmtree(out)
@@ -97,6 +98,13 @@ def run_compare(args, model: str, out: Path) -> dict:
     print(proc.stdout[-6000:], flush=True)
     if proc.returncode not in (0, 1):
         print(proc.stderr[-3000:], flush=True)
+    if args.profile and Path(f"{args.profile}.prof").is_file():
+        import io
+        import pstats
+
+        text = io.StringIO()
+        pstats.Stats(f"{args.profile}.prof", stream=text).sort_stats("cumulative").print_stats(45)
+        Path(args.profile).write_text(text.getvalue())
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
     t = report.get("timing", {})
     n_backends = len(args.backends.split(","))
@@ -124,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="/tmp/xbackend-7b-run")
     p.add_argument("--extra", default="", help="more compare arguments, e.g. '--arbiter none'")
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", default=None, help="profile the compare command (its own process) into this file")
     args = p.parse_args(argv)
     result: dict = {"args": vars(args)}
     if args.tiny:

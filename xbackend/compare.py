@@ -27,7 +27,7 @@ from .samplers import SamplingSettings, parse_mode
 from .spec import parse_specs
 from .trace import Trace, TruncatedTraceWarning, load_trace, write_json_atomic
 from .words import run_words
-from .worker import RunOutcome, request_to_json, run_worker
+from .worker import RunOutcome, prepare_worker, request_to_json, run_worker
 
 SCHEMA = "xbackend.report/1"
 EventFn = Callable[[dict], None]
@@ -212,16 +212,31 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
     base = CaptureRequest(backend="", model=req.model, model_config=req.model_config, seed=req.seed,
                           steps=req.steps, alignment=req.alignment, settings=req.settings)
     check_request(base)
-    model, prompt, base = start_run(req, base, out)
     labels = unique_labels([str(s) for s in specs])
+    prepared = {labels[0]: prepare_worker(str(specs[0]))}  # imports its libraries while the prompt is encoded
+    try:
+        model, prompt, base = start_run(req, base, out)
+        return _run_backends(req, out, model, prompt, base, specs, labels, prepared, on_event, started)
+    finally:
+        for proc in prepared.values():  # prepared for a backend that never ran (unavailable, or an error)
+            proc.kill()
+            proc.wait()
+
+
+def _run_backends(req: CompareRequest, out: Path, model, prompt, base: CaptureRequest, specs, labels: list[str],
+                  prepared: dict, on_event: EventFn | None, started: float) -> dict:
+    """Every backend in its worker, in order (the next one's worker prepared meanwhile), then the report."""
+    reasons = [create_backend(spec).unavailable_reason() for spec in specs]
+    runnable = [label for label, reason in zip(labels, reasons) if not reason]
     backends: list[dict] = []
     runs: dict[str, BackendRuns] = {}
     job_dir = out / "jobs"
     job_dir.mkdir(exist_ok=True)
+    audio = AudioDecoder(model, out, req.codec) if req.decode_audio else None
+    events = audio.watch(on_event) if audio else on_event
+    workers_s = 0.0
     forced_from = None  # the reference's first native run, once it completed
-    for label, spec in zip(labels, specs):
-        backend = create_backend(spec)
-        reason = backend.unavailable_reason()
+    for label, spec, reason in zip(labels, specs, reasons):
         entry = {"name": label, "spec": str(spec), "status": "ok", "error": None, "env": None}
         backends.append(entry)
         if reason:
@@ -230,9 +245,14 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
             if on_event:
                 on_event({"event": "unavailable", "name": label, "error": reason})
             continue
+        later = runnable[runnable.index(label) + 1:]
+        if later and later[0] not in prepared:
+            prepared[later[0]] = prepare_worker(str(specs[labels.index(later[0])]))
         job = {"plugins": [str(p) for p in req.plugins],
                "runs": _runs(label, base, out, req.repeats, forced_from, free_sampler)}
-        outcomes = run_worker(job, job_dir / f"{safe_name(label)}.json", req.timeout, on_event)
+        began = time.perf_counter()
+        outcomes = run_worker(job, job_dir / f"{safe_name(label)}.json", req.timeout, events, prepared.pop(label, None))
+        workers_s += time.perf_counter() - began
         runs[label] = collect(label, spec.tier, outcomes)
         if label == labels[0] and runs[label].status == "ok":
             forced_from = runs[label].native[0].path
@@ -242,11 +262,11 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
         entry["env"] = trace.meta.get("env") if trace is not None else None
     report = build_report(req, model, prompt, labels, backends, runs, out)
     report["words"] = run_words({label: named_runs(r) for label, r in runs.items()}, labels[0])
-    if req.decode_audio:
-        report["audio"] = decode_audio(model, runs, out, req.codec)
+    if audio is not None:
+        report["audio"] = audio.results(runs)
         report["codec"] = {"spec": req.codec, "used_for": "decoding each backend's audio tokens to audio/*.wav",
                            **describe_codec(model.codec or tiny_codec())}
-    report["timing"] = timing(runs, time.perf_counter() - started)
+    report["timing"] = timing(runs, time.perf_counter() - started, workers_s)
     write_json_atomic(out / "report.json", report)
     return report
 
@@ -256,17 +276,21 @@ def named_runs(runs: BackendRuns) -> dict[str, Trace | None]:
     return {**{f"native-{i}": t for i, t in enumerate(runs.native)}, "portable": runs.portable, "forced": runs.forced}
 
 
-def timing(runs: dict[str, BackendRuns], wall: float) -> dict:
+def timing(runs: dict[str, BackendRuns], wall: float, workers_s: float | None = None) -> dict:
     """Where the time went: model loads and model steps (from the traces) against the whole command.
 
     A trace records the seconds its run spent loading the model (0 when it reused the one its
-    worker had loaded) and `model_reused`; traces from before load-once lack it, and each loaded."""
+    worker had loaded) and `model_reused`; traces from before load-once lack it, and each loaded.
+    `workers_s` is how long the worker processes ran (their start-up, imports and exit included)."""
     traces = [t for r in runs.values() for t in [*r.native, r.portable, r.forced] if t is not None]
     model = sum(t.meta.get("elapsed_s") or 0.0 for t in traces)
     load = sum(t.meta.get("load_s") or 0.0 for t in traces)
     loads = sum(not t.meta.get("model_reused", False) for t in traces)
-    return {"wall_s": round(wall, 3), "model_steps_s": round(model, 3), "model_load_s": round(load, 3),
-            "loads": loads, "other_s": round(wall - model - load, 3), "runs": len(traces)}
+    out = {"wall_s": round(wall, 3), "model_steps_s": round(model, 3), "model_load_s": round(load, 3),
+           "loads": loads, "other_s": round(wall - model - load, 3), "runs": len(traces)}
+    if workers_s is not None:
+        out.update(workers_s=round(workers_s, 3), worker_overhead_s=round(workers_s - model - load, 3))
+    return out
 
 
 def build_report(req: CompareRequest, model, prompt, labels: list[str], backends: list[dict],
@@ -319,20 +343,51 @@ def check_decoder(spec: str, model) -> None:
     codec.check(ref, check_codebooks(ref, model.dep_q))
 
 
-def decode_audio(model, runs: dict[str, BackendRuns], out: Path, codec: str = "torch:cpu") -> dict:
-    """Each backend's first native run decoded to WAV by `codec` (a codec spec)."""
-    from .audio import tokens_to_wav
+class AudioDecoder:
+    """Each backend's first native run decoded to WAV by a codec (spec), in a thread of its own
+    as soon as that run is written, so decoding overlaps the runs that follow instead of the end."""
 
-    written = {}
-    for label, r in runs.items():
-        if r.native and r.native[0].steps > max(model.delays) and model.dep_q:
-            path = out / "audio" / f"{safe_name(label)}.wav"
-            try:
-                tokens_to_wav(model, r.native[0], path, codec)
-                written[label] = str(path.relative_to(out))
-            except XBackendError as exc:
-                written[label] = f"not decoded: {exc}"
-    return written
+    def __init__(self, model, out: Path, codec: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.model, self.out, self.codec = model, out, codec
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="xbackend-audio")
+        self.jobs: dict = {}
+
+    def watch(self, on_event: EventFn | None) -> EventFn:
+        """An event handler that starts a decode when a `native-0` run is done, then passes the event on."""
+        def handler(event: dict) -> None:
+            name = str(event.get("name", ""))
+            if event.get("event") == "done" and name.endswith("/native-0"):
+                label = name.rsplit("/", 1)[0]
+                self.jobs[label] = self.pool.submit(self.decode, label, self.out / "traces" / safe_name(label) / "native-0")
+            if on_event:
+                on_event(event)
+        return handler
+
+    def decode(self, label: str, path: Path) -> str | None:
+        from .audio import tokens_to_wav
+
+        trace = load_partial(path)
+        if trace is None or trace.steps <= max(self.model.delays) or not self.model.dep_q:
+            return None
+        wav = self.out / "audio" / f"{safe_name(label)}.wav"
+        try:
+            tokens_to_wav(self.model, trace, wav, self.codec)
+        except XBackendError as exc:
+            return f"not decoded: {exc}"
+        return str(wav.relative_to(self.out))
+
+    def results(self, runs: dict[str, BackendRuns]) -> dict:
+        """Decoded paths (or why not) by backend; a backend whose native-0 never finished is tried now."""
+        self.pool.shutdown(wait=True)
+        written = {}
+        for label, r in runs.items():
+            done = self.jobs[label].result() if label in self.jobs else (
+                self.decode(label, r.native[0].path) if r.native else None)
+            if done is not None:
+                written[label] = done
+        return written
 
 
 def exit_code(report: dict) -> int:

@@ -81,13 +81,44 @@ def worker_main(job_file: str) -> int:
     return 0
 
 
+def prepare_worker(spec: str) -> subprocess.Popen:
+    """Start a worker that imports `spec`'s libraries now and waits for its job file on stdin.
+
+    `compare` starts the next backend's worker while the current one runs, so importing torch or
+    mlx overlaps model work instead of adding to it. Nothing is loaded before the job arrives:
+    two models in memory at once could exceed a Mac's."""
+    return subprocess.Popen([sys.executable, "-m", "xbackend.worker", "--wait", spec], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_job(spec: str) -> str:
+    """A prepared worker: import the backend's library (best effort), then read the job file's path."""
+    try:
+        from .backends import create_backend
+
+        create_backend(spec).unavailable_reason()  # imports torch/moshi or mlx/moshi_mlx
+    except Exception:  # noqa: BLE001 - a plugin's name, or a broken install: the job will say so
+        pass
+    return sys.stdin.readline().strip()
+
+
 def run_worker(job: dict, job_file: Path, timeout: float,
-               on_event: Callable[[dict], None] | None = None, module: str = "xbackend.worker") -> list[RunOutcome]:
-    """Run `job` in a worker process (`python -m module JOBFILE`, speaking the events above); each run
-    gets `timeout` seconds, after which the process is killed."""
+               on_event: Callable[[dict], None] | None = None, module: str = "xbackend.worker",
+               prepared: subprocess.Popen | None = None) -> list[RunOutcome]:
+    """Run `job` in a worker process (`prepared` by `prepare_worker`, or a new `python -m module
+    JOBFILE`, speaking the events above); each run gets `timeout` seconds, after which the process
+    is killed."""
     job_file.write_text(json.dumps(job, indent=2))
-    proc = subprocess.Popen([sys.executable, "-m", module, str(job_file)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    if prepared is not None and prepared.poll() is None:
+        proc = prepared
+        try:
+            proc.stdin.write(f"{job_file}\n")
+            proc.stdin.close()
+        except OSError:  # it died while waiting: the crash is reported below like any other
+            pass
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", module, str(job_file)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     stderr: list[str] = []
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
@@ -141,4 +172,4 @@ def _out(job: dict, name: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1]))
+    sys.exit(worker_main(_wait_for_job(sys.argv[2]) if sys.argv[1] == "--wait" else sys.argv[1]))
