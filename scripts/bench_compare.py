@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
         t, tr = res["timing"], res["traces"]
         print(f"round {r + 1}: exit {res['exit']}; wall {res['wall_s']:.1f} s (report {t.get('wall_s')} s); "
               f"model steps {t.get('model_steps_s')} s over {t.get('runs')} runs; {t.get('loads')} loads "
-              f"{t.get('model_load_s')} s ({res['one_load_s']} s each); other {t.get('other_s')} s", flush=True)
+              f"{t.get('model_load_s')} s ({res['one_load_s']} s each); other {t.get('other_s')} s "
+              f"(worker processes {t.get('workers_s')} s, of which {t.get('worker_overhead_s')} s start-up and exit)",
+              flush=True)
         print(f"  wall / (model steps + {res['backends']} x one load) = {res['ratio']} (target <= {TARGET}; "
               f"{res['ratio_in_report']} by the report's own wall clock)", flush=True)
         if res["run_dir_bytes"] is not None:

@@ -87,3 +87,37 @@ def test_compare_loads_each_backend_once(tmp_path):
     assert len(words) == 9 and words[("cpu", "native-0")]["text"]
     assert words[("cpu#2", "native-2")]["text"] == words[("cpu", "native-0")]["text"]
     assert words[("cpu#2", "native-2")]["first_divergence"] is None
+
+
+def test_prepared_workers_never_outlive_the_command(tmp_path, monkeypatch):
+    """The next backend's worker starts early; one prepared for a backend that never runs is killed."""
+    from xbackend import compare, worker
+
+    started = []
+
+    def spy(spec):
+        proc = worker.prepare_worker(spec)
+        started.append((spec, proc))
+        return proc
+
+    monkeypatch.setattr(compare, "prepare_worker", spy)
+    report = run_compare(CompareRequest(backends=("mps", "cpu", "cpu"), steps=8, repeats=1), tmp_path / "run")
+    # the first backend's worker is started before anyone knows mps cannot run here; then, while
+    # cpu runs (in a worker of its own), the worker of cpu#2
+    assert [s for s, _ in started] == ["mps", "cpu"]
+    assert all(p.poll() is not None for _, p in started)
+    assert [b["status"] for b in report["backends"]] == ["unavailable", "ok", "ok"]
+    # each backend's audio was decoded (in a thread, while the next backend ran)
+    assert sorted(report["audio"]) == ["cpu", "cpu#2"]
+    assert all((tmp_path / "run" / path).is_file() for path in report["audio"].values())
+    assert report["timing"]["loads"] == 2 and report["timing"]["workers_s"] > report["timing"]["model_steps_s"]
+
+
+def test_compare_cli_prints_words_and_loads(tmp_path):
+    proc = run_cli("compare", "--backends", "cpu,cpu", "--steps", "12", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    assert "2 model loads" in proc.stdout and "over 7 runs" in proc.stdout
+    assert "words (tokenizer.model;" in proc.stdout
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    text = report["words"]["runs"][0]["text"]
+    assert text and f"  cpu#2 native-1  {text}" in proc.stdout
