@@ -2,8 +2,8 @@
 
 `compare`, `repeat` and `check` start one worker per backend, so a crash, a hang or a NaN in
 one backend cannot take the others down. A worker loads its model once and runs every run of its
-job on it (native repeats, portable, forced, arbiter: any list of requests). The worker reports on stdout, one JSON object a line:
-`start`, `step`, `done` or `failed` for each run.
+job on it (native repeats, portable, forced, arbiter: any list of requests). It reports on stdout,
+one JSON object a line: `start`, `step`, `done` or `failed` for each run.
 """
 
 from __future__ import annotations
