@@ -251,7 +251,8 @@ def _run_backends(req: CompareRequest, out: Path, model, prompt, base: CaptureRe
         job = {"plugins": [str(p) for p in req.plugins],
                "runs": _runs(label, base, out, req.repeats, forced_from, free_sampler)}
         began = time.perf_counter()
-        outcomes = run_worker(job, job_dir / f"{safe_name(label)}.json", req.timeout, events, prepared.pop(label, None))
+        outcomes = run_worker(job, job_dir / f"{safe_name(label)}.json", req.timeout, events,
+                              prepared=prepared.pop(label, None))
         workers_s += time.perf_counter() - began
         runs[label] = collect(label, spec.tier, outcomes)
         if label == labels[0] and runs[label].status == "ok":
