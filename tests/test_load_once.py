@@ -13,7 +13,7 @@ from xbackend.capture import CaptureRequest, open_backend, run_loaded
 from xbackend.compare import CompareRequest, run_compare
 from xbackend.trace import load_trace
 
-from .conftest import have, needs_tiny, run_cli
+from .helpers import have, needs_tiny, run_cli
 
 STEPS = 24
 SEED = 299792458

@@ -12,7 +12,7 @@ from xbackend.models import TINY, file_digest, resolve_model
 from xbackend.trace import TraceWriter, load_trace
 from xbackend.words import MARK, first_difference, join, pieces, run_words, shorten, tokenizer_for
 
-from .conftest import ROOT, have, needs_tiny, run_cli
+from .helpers import ROOT, have, needs_tiny, run_cli
 
 pytestmark = pytest.mark.skipif(not have("sentencepiece"), reason="sentencepiece not installed")
 BUNDLED = TINY / "tokenizer.model"
