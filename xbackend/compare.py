@@ -206,7 +206,7 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
         raise XBackendError(f"--repeats must be at least 1, got {req.repeats}")
     if req.timeout <= 0:
         raise XBackendError(f"--timeout must be positive, got {req.timeout}")
-    free_sampler = free_run_sampler(req)
+    free_run_sampler(req)  # a sampler the free runs cannot use is bad input, found before anything runs
     for plugin in req.plugins:
         load_plugin(plugin)
     base = CaptureRequest(backend="", model=req.model, model_config=req.model_config, seed=req.seed,
@@ -226,6 +226,7 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
 def _run_backends(req: CompareRequest, out: Path, model, prompt, base: CaptureRequest, specs, labels: list[str],
                   prepared: dict, on_event: EventFn | None, started: float) -> dict:
     """Every backend in its worker, in order (the next one's worker prepared meanwhile), then the report."""
+    free_sampler = free_run_sampler(req)
     reasons = [create_backend(spec).unavailable_reason() for spec in specs]
     runnable = [label for label, reason in zip(labels, reasons) if not reason]
     backends: list[dict] = []
