@@ -1,6 +1,7 @@
 """`check` and `baseline create`: the pre-release gate against committed baselines."""
 
 import json
+import re
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xbackend.check import CHECK_TOLERANCES, junit_xml, load_tolerances, logits_check
+from xbackend.check import CHECK_TOLERANCES, CheckReport, CheckResult, junit_xml, load_tolerances, logits_check
 from xbackend.metrics import same_input_drift
 from xbackend.errors import XBackendError
 from xbackend.synthetic import synthetic_trace
@@ -59,7 +60,7 @@ def test_perturbed_backend_fails_with_a_junit_failure(tmp_path):
     assert "cpu" in failure.get("message") and "logits" in failure.get("message")
     assert "0.01" in failure.get("message") and "1e-05" in failure.get("message")
     assert got[("mlx:cpu", "logits")].find("failure") is None  # only the perturbed backend fails
-    assert "FAIL cpu: logits" in proc.stdout
+    assert re.search(r"\| cpu +\| logits +\| FAIL +\| cpu: logits: max \\\|Δlogit\\\| 0.01", proc.stdout)
 
 
 @needs_tiny
@@ -112,17 +113,21 @@ def test_drift_counts_only_steps_with_the_same_inputs(tmp_path):
 
 
 def test_junit_names_backend_and_check():
-    result = {"checks": [{"backend": "mps", "check": "tokens", "status": "fail", "message": "mps: tokens: differ",
-                          "figures": {"step": 3}},
-                         {"backend": "mps", "check": "repeatability", "status": "skip", "message": "skipped"}],
-              "counts": {"pass": 0, "fail": 1, "skip": 1}, "baseline": "b", "seed": 1, "steps": 2,
-              "model": {"name": "tiny", "digest": "d"}, "elapsed_s": 12.3456}
-    xml = junit_xml(result)
+    checks = (CheckResult("mps", "tokens", "fail", "mps: tokens: differ", {"step": 3}),
+              CheckResult("mps", "repeatability", "skip", "skipped"))
+    report = CheckReport("b", None, ("cpu", "mps"), {"name": "tiny", "digest": "d"}, 1, 2, {}, checks, 12.3456)
+    assert report.exit_code == 1 and report.counts == {"pass": 0, "fail": 1, "skip": 1}
+    xml = junit_xml(report)
     assert ET.fromstring(xml).find("testsuite").get("time") == "12.346"  # the check's measured wall time
     got = cases(xml)
     assert all(c.get("time") is None for c in got.values())  # no invented per-check times
     assert got[("mps", "tokens")].find("failure").get("message") == "mps: tokens: differ"
     assert got[("mps", "repeatability")].find("skipped") is not None
+    assert CheckReport.from_dict(report.to_dict()) == report
+    assert re.search(r"^\| mps +\| tokens +\| FAIL +\| mps: tokens: differ +\|$", report.summary_table(), re.M)
+    ran = CheckReport("b", None, ("cpu",), {"name": "tiny", "digest": "d"}, 1, 2, {},
+                      (CheckResult("cpu", "run", "fail", "cpu: run: unavailable"),))
+    assert ran.exit_code == 3
 
 
 def test_tolerances_file(tmp_path):

@@ -11,10 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xbackend.compare import CompareRequest, exit_code, run_compare
+from xbackend.compare import CompareRequest, run_compare
+from xbackend.results import CompareReport, Point
 from xbackend.trace import load_trace
 
 from .helpers import needs_mlx, needs_tiny, run_cli
+
+STREAMS = ["text"] + [f"audio{i}" for i in range(8)]
 
 pytestmark = needs_tiny
 STEPS = 12
@@ -95,6 +98,29 @@ PLUGINS = {
     "copy": """
         xbackend.register_backend("copy", xbackend.wrap_backend("cpu", on_logits=lambda run, step, stream, x: x))
     """,
+    # A cache/position bug: every stream's logits rolled by 7 from step 6 on (every run).
+    "roll": """
+        def f(run, step, stream, x):
+            return np.roll(x, 7) if step >= 6 else x
+        xbackend.register_backend("roll", xbackend.wrap_backend("cpu", on_logits=f))
+    """,
+    # A one-step kernel glitch: every logit of every stream at step 6 moved by seeded noise of scale 30.
+    "spike": """
+        def f(run, step, stream, x):
+            if step == 6:
+                return x + np.random.default_rng([step, len(stream)]).normal(scale=30.0, size=x.shape).astype(np.float32)
+            return x
+        xbackend.register_backend("spike", xbackend.wrap_backend("cpu", on_logits=f))
+    """,
+    # Nondeterministic kernels from step 6 on: fresh noise in every run.
+    "noise6": """
+        def f(run, step, stream, x):
+            if step < 6:
+                return x
+            rng = np.random.default_rng([run, step, len(stream)])
+            return x + rng.normal(scale=1e-3, size=x.shape).astype(np.float32)
+        xbackend.register_backend("noise6", xbackend.wrap_backend("cpu", on_logits=f))
+    """,
 }
 
 
@@ -109,72 +135,132 @@ def compare(tmp_path, backends, plugins=(), **kw):
     req = CompareRequest(backends=tuple(backends), plugins=tuple(plugin(tmp_path, p) for p in plugins),
                          decode_audio=False, **kw)
     report = run_compare(req, tmp_path / "run")
-    (verdict,) = report["verdicts"]
+    (verdict,) = report.verdicts
     return report, verdict
 
 
+def at(step, stream):
+    return Point(step, stream)
+
+
+def native_and_portable(run: Path, label: str):
+    """First native and portable token divergences of `label` against the reference cpu, from the trace files."""
+    out = []
+    for kind in ("native-0", "portable"):
+        a, b = (load_trace(run / "traces" / n / kind) for n in ("cpu", label))
+        diff = np.argwhere(a.tokens != b.tokens)
+        out.append(None if not diff.size else Point(int(diff[0][0]), a.streams[int(diff[0][1])]))
+    return out
+
+
 def test_numeric_divergence_at_the_planted_step(tmp_path):
-    report, v = compare(tmp_path, ["cpu", "flip"], ["flip"])
-    assert v["verdict"] == "NUMERIC_DIVERGENCE"
-    assert v["first_divergence"] == {"step": 6, "stream": "audio3"}
-    assert v["figures"]["explained_by_drift"] is True and v["figures"]["delta_at_divergence"] > 1000
-    assert exit_code(report) == 1
+    report, v = compare(tmp_path, ["cpu", "flip"], ["flip"], arbiter="none")
+    assert v.verdict == "NUMERIC_DIVERGENCE" and v.first_divergence == at(6, "audio3")
+    assert v.figures["explained_by_drift"] is True and v.figures["delta_at_divergence"] > 1000
+    assert not v.expected and report.exit_code == 1 and report.arbiter["status"] == "off"
 
 
 def test_drift_below_tolerance_is_numeric_drift(tmp_path):
-    report, v = compare(tmp_path, ["cpu", "tiny"], ["tiny"])
-    assert v["verdict"] == "NUMERIC_DRIFT" and v["first_divergence"] is None
-    assert v["figures"]["forced_max_abs"] == pytest.approx(2.0 ** -18, rel=0.5)
-    assert v["figures"]["within_tolerance"] and exit_code(report) == 0
+    report, v = compare(tmp_path, ["cpu", "tiny"], ["tiny"], arbiter="none")
+    assert v.verdict == "NUMERIC_DRIFT" and v.first_divergence is None
+    assert v.figures["forced_max_abs"] == pytest.approx(2.0 ** -18, rel=0.5)
+    assert v.figures["within_tolerance"] and v.expected and report.exit_code == 0
 
 
-def test_fresh_noise_each_run_is_nondeterministic_kernels(tmp_path):
-    report, v = compare(tmp_path, ["cpu", "noisy"], ["noisy"])
-    assert v["verdict"] == "NONDETERMINISTIC_KERNELS"
-    assert v["first_divergence"] == {"step": 0, "stream": "text"}
-    rep = next(r for r in report["repeatability"] if r["backend"] == "noisy")
-    assert rep["logits_identical"] is False
+def test_fresh_noise_from_step_6_is_nondeterministic_kernels_at_step_6(tmp_path):
+    report, v = compare(tmp_path, ["cpu", "noise6"], ["noise6"], arbiter="none")
+    assert v.verdict == "NONDETERMINISTIC_KERNELS" and v.first_divergence == at(6, "text")
+    rep = report.repeatability_for("noise6")
+    assert rep.logits_identical is False and rep.run_to_run_drift > 1e-3
+    assert report.exit_code == 1
 
 
 def test_unseeded_native_sampler(tmp_path):
-    report, v = compare(tmp_path, ["cpu", "unseeded"], ["unseeded"])
-    assert v["verdict"] == "NONDETERMINISTIC_SAMPLER"
+    report, v = compare(tmp_path, ["cpu", "unseeded"], ["unseeded"], arbiter="none")
+    assert v.verdict == "NONDETERMINISTIC_SAMPLER"
     runs = [load_trace(tmp_path / "run" / "traces" / "unseeded" / f"native-{i}") for i in range(2)]
     step, stream = np.argwhere(runs[0].tokens != runs[1].tokens)[0]
-    assert v["first_divergence"] == {"step": int(step), "stream": runs[0].streams[stream]}
+    assert v.first_divergence == at(int(step), runs[0].streams[stream])
+
+
+def test_logits_rolled_from_step_6_are_a_semantic_mismatch_at_step_6(tmp_path):
+    report, v = compare(tmp_path, ["cpu", "roll"], ["roll"], arbiter="none")
+    assert v.verdict == "SEMANTIC_MISMATCH" and v.first_divergence == at(6, "text")
+    assert v.figures["onset_share_over"] == 1.0 and v.figures["onset_before"] == 0.0
+    assert "from step 6 on, after 6 steps of agreement" in v.explanation
+    assert report.exit_code == 1
+
+
+def test_one_step_spike_is_a_numeric_divergence_at_that_step(tmp_path):
+    report, v = compare(tmp_path, ["cpu", "spike"], ["spike"], arbiter="none")
+    assert v.verdict == "NUMERIC_DIVERGENCE" and v.first_divergence == at(6, "text")
+    assert "SEMANTIC_MISMATCH" not in {s.verdict for s in v.secondary}
+    assert v.figures["spikes"][0]["step"] == 6 and v.figures["spikes"][0]["max_abs"] > 100 * v.figures["tolerance"]
+    assert report.exit_code == 1
 
 
 @needs_mlx
-def test_cpu_against_mlx_is_sampler_divergence(tmp_path):
+def test_cpu_against_mlx_is_an_expected_sampler_divergence(tmp_path):
     report, v = compare(tmp_path, ["cpu", "mlx:cpu"], steps=20)
-    assert v["verdict"] == "SAMPLER_DIVERGENCE"
-    a, b = (load_trace(tmp_path / "run" / "traces" / n / "native-0") for n in ("cpu", "mlx_cpu"))
-    step, stream = np.argwhere(a.tokens != b.tokens)[0]
-    assert v["first_divergence"] == {"step": int(step), "stream": a.streams[stream]}
-    assert v["figures"]["portable_divergence"] is None and v["figures"]["forced_max_abs"] < 1e-4
+    n, p = native_and_portable(tmp_path / "run", "mlx_cpu")
+    assert v.verdict == "SAMPLER_DIVERGENCE" and v.first_divergence == n and p is None
+    assert v.figures["shared_sampler"] is False and v.figures["forced_max_abs"] < 1e-4
+    assert v.expected and report.exit_code == 0 and "Same logits" not in v.explanation
+    assert report.arbiter["status"] == "ok" and report.arbiter["spec"] == "cpu:fp64"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_cpu_against_its_own_low_precision_is_numeric_and_the_arbiter_favours_fp32(tmp_path, dtype):
+    report, v = compare(tmp_path, ["cpu", f"cpu:{dtype}"], steps=12)
+    n, p = native_and_portable(tmp_path / "run", f"cpu_{dtype}")
+    first = min([x for x in (n, p) if x is not None], key=lambda x: (x.step, STREAMS.index(x.stream)))
+    assert v.verdict == "NUMERIC_DIVERGENCE" and v.first_divergence == first
+    assert v.figures["shared_sampler"] is True and "SAMPLER_DIVERGENCE" not in {s.verdict for s in v.secondary}
+    a = v.figures["arbiter"]
+    assert a["spec"] == "cpu:fp64" and a["closer"] == "cpu" and a["ratio"] > 100
+    assert f"cpu:{dtype} is" in v.explanation and "further from fp64 than cpu" in v.explanation
+
+
+@needs_mlx
+@pytest.mark.parametrize("other", ["mlx:q8", "mlx:q4", "mlx:cpu:bf16"])
+def test_mlx_against_its_own_quantized_or_bf16_is_numeric(tmp_path, other):
+    req = CompareRequest(backends=("mlx:cpu", other), steps=12, decode_audio=False, arbiter="none")
+    report = run_compare(req, tmp_path / "run")
+    (v,) = report.verdicts
+    assert v.figures["shared_sampler"] is True and "SAMPLER_DIVERGENCE" not in {s.verdict for s in v.secondary}
+    first = []
+    for kind in ("native-0", "portable"):
+        a, b = (load_trace(tmp_path / "run" / "traces" / n / kind) for n in ("mlx_cpu", other.replace(":", "_")))
+        diff = np.argwhere(a.tokens != b.tokens)
+        first += [Point(int(diff[0][0]), a.streams[int(diff[0][1])])] if diff.size else []
+    if first:  # one sampler: whichever decision flips first is numeric, at that step and stream
+        assert v.verdict == "NUMERIC_DIVERGENCE"
+        assert v.first_divergence == min(first, key=lambda x: (x.step, STREAMS.index(x.stream)))
+    else:
+        assert v.verdict == "NUMERIC_DRIFT" and v.within_tolerance and v.expected
 
 
 def test_different_weights_are_a_semantic_mismatch(tmp_path):
-    report, v = compare(tmp_path, ["cpu", "reweighted"], ["reweighted"])
-    assert v["verdict"] == "SEMANTIC_MISMATCH"
-    assert v["first_divergence"] == {"step": 0, "stream": "text"}
+    report, v = compare(tmp_path, ["cpu", "reweighted"], ["reweighted"], arbiter="none")
+    assert v.verdict == "SEMANTIC_MISMATCH"
+    assert v.first_divergence == at(0, "text") and "from the first steps" in v.explanation
 
 
 @needs_mlx
 def test_upstream_alignment_is_a_semantic_mismatch(tmp_path):
-    report, v = compare(tmp_path, ["cpu", "mlx:cpu"], alignment="upstream")
-    assert v["verdict"] == "SEMANTIC_MISMATCH"
-    assert v["first_divergence"]["step"] == 1  # step 0 sees no user frame on either library
+    report, v = compare(tmp_path, ["cpu", "mlx:cpu"], alignment="upstream", arbiter="none")
+    assert v.verdict == "SEMANTIC_MISMATCH"
+    assert v.first_divergence.step == 1  # step 0 sees no user frame on either library
 
 
 def test_crash_keeps_the_steps_done(tmp_path):
-    report, v = compare(tmp_path, ["cpu", "crash"], ["crash"])
+    report, v = compare(tmp_path, ["cpu", "crash"], ["crash"], arbiter="none")
     # The process died inside step 5: the step is known from the trace, the stream is not.
-    assert v["verdict"] == "BACKEND_FAILED" and v["first_divergence"] == {"step": 5, "stream": None}
+    assert v.verdict == "BACKEND_FAILED" and v.first_divergence == at(5, None)
     kept = load_trace_quiet(tmp_path / "run" / "traces" / "crash" / "native-0")
     assert kept.steps == 5
-    assert next(b for b in report["backends"] if b["name"] == "crash")["status"] == "failed"
-    assert exit_code(report) == 3
+    assert next(b for b in report.backends if b["name"] == "crash")["status"] == "failed"
+    assert report.exit_code == 3
 
 
 def test_exception_names_the_step_and_stream(tmp_path):
@@ -185,38 +271,46 @@ def test_exception_names_the_step_and_stream(tmp_path):
             return x
         xbackend.register_backend("raise", xbackend.wrap_backend("cpu", on_logits=f))
     """
-    report, v = compare(tmp_path, ["cpu", "raise"], ["raise"])
-    assert v["verdict"] == "BACKEND_FAILED" and v["first_divergence"] == {"step": 3, "stream": "audio5"}
-    assert "kernel exploded" in v["explanation"]
+    report, v = compare(tmp_path, ["cpu", "raise"], ["raise"], arbiter="none")
+    assert v.verdict == "BACKEND_FAILED" and v.first_divergence == at(3, "audio5")
+    assert "kernel exploded" in v.explanation
     assert load_trace_quiet(tmp_path / "run" / "traces" / "raise" / "native-0").steps == 3
 
 
 def test_nan_logits_fail_the_backend(tmp_path):
-    report, v = compare(tmp_path, ["cpu", "nan"], ["nan"])
-    assert v["verdict"] == "BACKEND_FAILED" and v["first_divergence"] == {"step": 4, "stream": "audio2"}
+    report, v = compare(tmp_path, ["cpu", "nan"], ["nan"], arbiter="none")
+    assert v.verdict == "BACKEND_FAILED" and v.first_divergence == at(4, "audio2")
     assert load_trace_quiet(tmp_path / "run" / "traces" / "nan" / "native-0").steps == 4
-    assert "NaN" in v["explanation"]
+    assert "NaN" in v.explanation
 
 
 def test_hang_is_killed_after_the_timeout(tmp_path):
-    report, v = compare(tmp_path, ["cpu", "hang"], ["hang"], timeout=20)
-    assert v["verdict"] == "BACKEND_FAILED" and v["first_divergence"]["step"] == 3
-    assert "timed out" in v["explanation"]
+    report, v = compare(tmp_path, ["cpu", "hang"], ["hang"], timeout=20, arbiter="none")
+    assert v.verdict == "BACKEND_FAILED" and v.first_divergence.step == 3
+    assert "timed out" in v.explanation
 
 
 def test_unavailable_backend_is_reported_not_fatal(tmp_path):
-    report, v = compare(tmp_path, ["cpu", "mps"], steps=4)
-    assert report["backends"][1]["status"] == "unavailable" and "MPS" in report["backends"][1]["error"]
-    assert v["verdict"] == "BACKEND_FAILED" and exit_code(report) == 3
+    report, v = compare(tmp_path, ["cpu", "mps"], steps=4, arbiter="none")
+    assert report.backends[1]["status"] == "unavailable" and "MPS" in report.backends[1]["error"]
+    assert v.verdict == "BACKEND_FAILED" and report.exit_code == 3
 
 
 @pytest.mark.slow
-def test_identical_copy_never_raises_a_false_alarm(tmp_path):
+def test_twin_never_raises_a_false_alarm(tmp_path):
     for seed in range(20):
         (tmp_path / str(seed)).mkdir()
-        report, v = compare(tmp_path / str(seed), ["cpu", "copy"], ["copy"], seed=seed, steps=8)
-        assert v["verdict"] == "IDENTICAL", (seed, v)
-        assert exit_code(report) == 0
+        report, v = compare(tmp_path / str(seed), ["cpu", "cpu"], seed=seed, steps=8, arbiter="none")
+        assert v.backend == "cpu#2" and v.verdict == "IDENTICAL", (seed, v)
+        assert report.exit_code == 0
+
+
+def test_one_repeat_measures_no_run_to_run_drift(tmp_path):
+    report, v = compare(tmp_path, ["cpu", "tiny"], ["tiny"], repeats=1, steps=4, arbiter="none")
+    rep = report.repeatability_for("tiny")
+    assert rep.runs == 1 and rep.run_to_run_drift is None and rep.logits_identical is None
+    assert v.figures["run_to_run_drift"] is None and "not measured: one run" in v.explanation
+    assert "drift 0" not in v.explanation
 
 
 def test_report_json_follows_the_contract(tmp_path):
@@ -226,21 +320,33 @@ def test_report_json_follows_the_contract(tmp_path):
     for b in on_disk["backends"]:
         assert {"name", "status", "error", "env"} <= set(b) and b["status"] == "ok"
         assert {"os", "chip", "python", "versions", "device", "dtype", "env"} <= set(b["env"])
-    v = on_disk["verdicts"][0]
-    assert {"backend", "vs", "verdict", "first_divergence", "explanation"} <= set(v)
+    d = on_disk["verdicts"][0]
+    assert {"backend", "vs", "verdict", "first_divergence", "explanation", "expected"} <= set(d)
     for r in on_disk["repeatability"]:
         assert {"backend", "runs", "logits_identical", "tokens_identical", "first_nondeterministic_step"} <= set(r)
     modes = {d["mode"] for d in on_disk["drift"]}
     assert modes == {"forced", "portable"}
     for d in on_disk["drift"]:
         assert {"backend", "vs", "mode", "streams"} <= set(d)
-        assert set(d["streams"]) == {"text"} | {f"audio{i}" for i in range(8)}
+        assert set(d["streams"]) == set(STREAMS)
+    arb = on_disk["arbiter"]
+    assert arb["spec"] == "cpu:fp64" and arb["status"] == "ok" and {b["backend"] for b in arb["backends"]} == {"cpu", "copy"}
+    assert load_trace(tmp_path / "run" / arb["trace"]).meta["sampler"]["mode"] == "forced"
+    assert CompareReport.from_dict(on_disk).to_dict()["verdicts"] == on_disk["verdicts"]
+
+
+def test_traces_record_their_sampler_identity(tmp_path):
+    compare(tmp_path, ["cpu", "copy"], ["copy"], steps=2, arbiter="none")
+    ident = {k: load_trace(tmp_path / "run" / "traces" / "copy" / k).meta["sampler"]["identity"]
+             for k in ("native-0", "portable", "forced")}
+    assert ident["native-0"]["rng"] == "torch CPU generator (mt19937)" and "sample_token" in ident["native-0"]["algorithm"]
+    assert ident["portable"]["rng"].startswith("Philox4x64-10") and ident["forced"]["rng"] is None
 
 
 def test_compare_cli_prints_the_table_and_writes_audio(tmp_path):
     proc = run_cli("compare", "--backends", "cpu,cpu", "--steps", "6", "--out", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr
-    assert "IDENTICAL" in proc.stdout and "cpu#2" in proc.stdout
+    assert "IDENTICAL" in proc.stdout and "cpu#2" in proc.stdout and "expected" in proc.stdout
     assert (tmp_path / "run" / "audio" / "cpu.wav").is_file()
     import soundfile as sf
 
@@ -257,18 +363,27 @@ def load_trace_quiet(path):
 
 
 def test_failed_reference_blames_no_one_else(tmp_path):
-    report, = [run_compare(CompareRequest(backends=("nan", "cpu"), plugins=(plugin(tmp_path, "nan"),), steps=8,
-                                          decode_audio=False), tmp_path / "run")]
-    (v,) = report["verdicts"]
-    assert v["backend"] == "nan" and v["verdict"] == "BACKEND_FAILED"
-    assert v["first_divergence"] == {"step": 4, "stream": "audio2"}
-    assert report["not_diagnosed"][0]["backend"] == "cpu" and "reference nan" in report["not_diagnosed"][0]["reason"]
-    assert next(b for b in report["backends"] if b["name"] == "cpu")["status"] == "ok"
-    assert exit_code(report) == 3
+    report = run_compare(CompareRequest(backends=("nan", "cpu"), plugins=(plugin(tmp_path, "nan"),), steps=8,
+                                        decode_audio=False), tmp_path / "run")
+    (v,) = report.verdicts
+    assert v.backend == "nan" and v.verdict == "BACKEND_FAILED"
+    assert v.first_divergence == at(4, "audio2")
+    assert report.not_diagnosed[0]["backend"] == "cpu" and "reference nan" in report.not_diagnosed[0]["reason"]
+    assert next(b for b in report.backends if b["name"] == "cpu")["status"] == "ok"
+    assert report.exit_code == 3 and report.arbiter["status"] != "ok"
+
+
+def test_wrap_backend_honours_the_requested_spec(registry):
+    from xbackend.backends import create_backend, register_backend, wrap_backend
+
+    register_backend("wrapped-test", wrap_backend("cpu", on_logits=lambda run, step, stream, x: x))
+    b = create_backend("wrapped-test:bf16")
+    assert b.label == "wrapped-test:bf16" and b.spec.name == "cpu" and b.spec.dtype == "bf16"
+    assert create_backend("wrapped-test").spec.dtype == "fp32"
 
 
 def test_clearing_a_reused_run_directory_removes_only_what_xbackend_wrote(tmp_path):
-    from xbackend.compare import clear_previous_run
+    from xbackend.rundir import clear_previous_run
     from xbackend.synthetic import synthetic_trace
 
     out = tmp_path / "run"

@@ -6,9 +6,11 @@ import pytest
 
 from xbackend.diff import DiffResult, comparability, diff
 from xbackend.errors import XBackendError
-from xbackend.metrics import TOLERANCES
+from xbackend.tolerances import TOLERANCES
 from xbackend.synthetic import default_meta, greedy_margins, synthetic_trace, write_trace
 from xbackend.trace import TruncatedTraceWarning, load_trace
+
+from .helpers import have, needs_tiny
 
 VOCAB = (64, 16, 16)
 
@@ -65,8 +67,10 @@ def test_planted_token_divergence_with_drift_and_margins(tmp_path):
     assert d.margin_a == pytest.approx(gap, rel=1e-6) and d.margin_b == pytest.approx(0.01, abs=2e-6)
     assert d.explained is True  # 2 * (gap + 0.01) >= min(gap, 0.01)
     assert r.first_bitwise_step == 4 and not r.tokens_identical
-    assert r.summaries_before_divergence["audio1"]["max_abs"].max == 0.0
-    assert r.summaries_before_divergence["audio1"]["max_abs"].count == 4
+    # only identical-input steps count: 4 steps, plus step 4 for the streams up to audio1
+    assert r.steps_compared == 5 and r.summaries["audio1"]["max_abs"].count == 5
+    assert r.summaries["audio0"]["max_abs"].count == 5 and r.summaries["text"]["max_abs"].count == 5
+    assert r.max_abs == pytest.approx(gap + 0.01, rel=1e-6)
     assert any("diverge at step 4" in note for note in r.notes)
     assert r.to_dict()["first_divergence"]["stream"] == "audio1"
 
@@ -128,8 +132,13 @@ def test_sampling_settings_must_match(tmp_path):
     b = synthetic_trace(tmp_path / "b", steps=2, vocab=VOCAB, seed=1,
                         meta=default_meta(settings=SamplingSettings(temp_text=0.8, top_k_audio=100)))
     reasons = comparability(a, b)
-    assert any("temp_text differs: 0.7 in" in r and "0.8 in" in r for r in reasons)
-    assert any("top_k_audio differs: 250 in" in r and "100 in" in r for r in reasons)
+    assert any("sampling settings of text differ: temperature 0.7, top-k keeps 25 in" in r
+               and "temperature 0.8, top-k keeps 25 in" in r for r in reasons)
+    # top-k 250 and 100 both keep all 16 audio tokens: not a real mismatch, not a reason
+    assert not any("audio" in r for r in reasons) and len(reasons) == 1
+    c = synthetic_trace(tmp_path / "c", steps=2, vocab=VOCAB, seed=1,
+                        meta=default_meta(settings=SamplingSettings(top_k_audio=8)))
+    assert [r for r in comparability(a, c) if "top-k keeps 16 in" in r and "top-k keeps 8 in" in r]
 
 
 def test_streams_and_vocab_must_match(tmp_path):
@@ -182,7 +191,7 @@ def test_different_lengths_and_truncated(tmp_path):
     r = diff(a, b)
     assert (r.steps_a, r.steps_b, r.steps_compared) == (10, 6, 6)
     assert r.logits_identical and r.tokens_identical
-    assert any("compared the first 6" in note for note in r.notes)
+    assert any("compared their common first 6" in note for note in r.notes)
     assert any("incomplete" in note and "'running'" in note for note in r.notes)
 
 
@@ -210,3 +219,73 @@ def test_empty_traces(tmp_path):
     assert r.steps_compared == 0 and r.first_divergence is None and r.summaries["text"]["kl"].count == 0
     assert any("no step to compare" in note for note in r.notes)
     json.dumps(r.to_dict(per_step=True), allow_nan=False)
+
+
+def test_native_traces_compare_logits_only_through_their_first_token_divergence(tmp_path):
+    """After the first token divergence the runs are fed different tokens: that cascade is not drift."""
+    rng = np.random.default_rng(3)
+    logits = [rng.standard_normal((6, v)).astype(np.float32) * 3 for v in VOCAB]
+    other = [x.copy() for x in logits]
+    for x in other:
+        x[3:] += rng.standard_normal(x[3:].shape).astype(np.float32) * 30  # a cascade after step 2
+    other[0][2] += np.float32(1e-4)
+    tokens = np.stack([greedy_margins(x)[0] for x in logits], axis=1)
+    tokens_b = tokens.copy()
+    tokens_b[2, 1] = (tokens_b[2, 1] + 1) % VOCAB[1]  # native tokens differ at step 2, audio0
+    ident = {"algorithm": "a", "rng": "r"}
+
+    def meta(identity):
+        return default_meta(mode="native", sampler={"mode": "native", "seed": 1, "identity": identity})
+
+    a = write_trace(tmp_path / "a", logits, tokens=tokens, margins=np.ones((6, 3)), meta=meta(ident))
+    b = write_trace(tmp_path / "b", other, tokens=tokens_b, margins=np.ones((6, 3)), meta=meta({**ident, "rng": "s"}))
+    r = diff(a, b)
+    assert r.steps_compared == 3 and r.max_abs == pytest.approx(1e-4, rel=1e-2) and r.within_tolerance
+    assert r.shared_sampler is False and r.sampler_divergence and r.expected and r.exit_code == 0
+    assert "the two native samplers differ" in r.explanation
+    back = DiffResult.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert back.to_dict() == r.to_dict() and back.exit_code == 0
+    same = write_trace(tmp_path / "c", other, tokens=tokens_b, margins=np.ones((6, 3)), meta=meta(ident))
+    r = diff(a, same)
+    assert r.shared_sampler is True and not r.expected and r.exit_code == 1
+    assert "share one sampler" in r.explanation
+
+
+def test_recorded_inputs_replace_the_prompt_digest(tmp_path):
+    """Traces that record their inputs are compared on them, so a codes file and its audio still compare."""
+    def trace(path, digest, inputs):
+        meta = default_meta(prompt={"source": "x", "kind": "codes", "digest": digest})
+        from xbackend.trace import TraceWriter
+
+        w = TraceWriter(path, meta, ["text", "audio0", "audio1"], list(VOCAB), n_inputs=2)
+        rng = np.random.default_rng(1)
+        for s, row in enumerate(inputs):
+            w.write_step([rng.standard_normal(v).astype(np.float32) for v in VOCAB], [0, 0, 0], [1.0] * 3, row)
+        w.close()
+        return load_trace(path)
+
+    a = trace(tmp_path / "a", "p1", np.array([[1, 2], [3, 4], [5, 6]]))
+    b = trace(tmp_path / "b", "p2", np.array([[1, 2], [3, 4]]))
+    assert comparability(a, b) == []
+    c = trace(tmp_path / "c", "p1", np.array([[1, 2], [3, 9], [5, 6]]))
+    assert comparability(a, c) == ["user inputs differ from prompt frame 1: the runs were not fed the same prompt"]
+
+
+@needs_tiny
+def test_diff_of_real_captures_of_different_length_and_different_samplers(tmp_path):
+    from xbackend.capture import CaptureRequest, capture
+
+    # the 24-frame prompt is padded with silence to 26 and 28 frames: different codes files, different
+    # prompt digests, but the same user inputs on the common 26 steps, which is what diff compares
+    short = capture(CaptureRequest(backend="cpu", steps=26), tmp_path / "short")
+    long = capture(CaptureRequest(backend="cpu", steps=28), tmp_path / "long")
+    assert short.meta["prompt"]["digest"] != long.meta["prompt"]["digest"]
+    r = diff(long, short)
+    assert r.reasons == () and r.steps_common == 26 and r.logits_identical and r.tokens_identical
+    assert r.exit_code == 0 and any("common first 26" in n for n in r.notes)
+    if have("mlx"):
+        other = capture(CaptureRequest(backend="mlx:cpu", steps=8), tmp_path / "mlx")
+        r = diff(long, other)  # native tokens differ from step 0: only that step's first streams are comparable
+        d = r.first_divergence
+        assert d is not None and r.steps_compared == d.step + 1 and r.shared_sampler is False
+        assert r.max_abs < 1e-3 and r.expected and r.exit_code == 0

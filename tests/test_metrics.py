@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from xbackend import metrics as M
+from xbackend import tolerances as T
 from xbackend.errors import XBackendError
 from xbackend.samplers import SamplingSettings
 from xbackend.synthetic import default_meta, greedy_margins, synthetic_trace, write_trace
@@ -178,20 +179,20 @@ def test_percentiles_on_a_known_distribution():
 
 
 def test_tolerance_takes_the_looser_tier():
-    assert M.tolerance("fp32", "fp32") == M.TOLERANCES["fp32"]
-    assert M.tolerance("fp32", "bf16") == M.TOLERANCES["bf16"] == M.tolerance("bf16", "fp32")
-    assert M.tolerance("q4", "fp16") == M.TOLERANCES["q4"]
-    assert M.tolerance("fp32", "fp32", overrides={"fp32": 1e-5}) == 1e-5
+    assert T.tolerance("fp32", "fp32") == T.TOLERANCES["fp32"]
+    assert T.tolerance("fp32", "bf16") == T.TOLERANCES["bf16"] == T.tolerance("bf16", "fp32")
+    assert T.tolerance("q4", "fp16") == T.TOLERANCES["q4"]
+    assert T.tolerance("fp32", "fp32", overrides={"fp32": 1e-5}) == 1e-5
     with pytest.raises(XBackendError, match="fp8"):
-        M.tolerance("fp8", "fp32")
-    assert list(M.TOLERANCES) == ["fp64", "fp32", "fp16", "bf16", "q8", "q4"]
-    assert all(M.TOLERANCES[x] < M.TOLERANCES[y] for x, y in zip(M.TOLERANCES, list(M.TOLERANCES)[1:]))
+        T.tolerance("fp8", "fp32")
+    assert list(T.TOLERANCES) == ["fp64", "fp32", "fp16", "bf16", "q8", "q4"]
+    assert all(T.TOLERANCES[x] < T.TOLERANCES[y] for x, y in zip(T.TOLERANCES, list(T.TOLERANCES)[1:]))
 
 
 def test_tier_of_reads_the_spec():
-    assert M.tier_of({"spec": {"dtype": "bf16", "quant": None}}) == "bf16"
-    assert M.tier_of({"spec": {"dtype": "fp32", "quant": "q4"}}) == "q4"
-    assert M.tier_of({}) == "fp32"
+    assert T.tier_of({"spec": {"dtype": "bf16", "quant": None}}) == "bf16"
+    assert T.tier_of({"spec": {"dtype": "fp32", "quant": "q4"}}) == "q4"
+    assert T.tier_of({}) == "fp32"
 
 
 # --------------------------------------------------------------------------- vectorised == naive

@@ -59,7 +59,7 @@ def test_report_cli_writes_the_page_the_plot_and_the_bundle(flip_run, tmp_path):
     for section in ("## Verdicts", "## Divergences", "## Teacher-forced drift", "## Reproduce", "## Environment",
                     "## Bundle", "<details>"):
         assert section in md
-    assert "NUMERIC_DIVERGENCE" in md and "### flip: NUMERIC_DIVERGENCE at step 6, stream audio3" in md
+    assert "NUMERIC_DIVERGENCE" in md and "### flip: NUMERIC_DIVERGENCE at step 6, audio3" in md
     assert "xbackend compare --backends cpu,flip --model tiny" in md and "--plugin" in md
     assert "versions.torch" in md and "threads" in md  # the env fingerprint
     png = flip_run / "plots" / "drift-flip.png"
@@ -84,12 +84,22 @@ def test_report_cli_writes_the_page_the_plot_and_the_bundle(flip_run, tmp_path):
     root = extract(flip_run / "bundle.tar.gz", tmp_path)
     assert {"report.json", "report.md", "prompt_codes.npy"} <= {f.name for f in root.iterdir()}
     assert (root / "plots" / "drift-flip.png").is_file()
+    report = json.loads((flip_run / "report.json").read_text())
+    (v,) = report["verdicts"]
+    native = v["figures"]["native_divergence"]
     for name in ("cpu", "flip"):
-        (kept,) = (root / "traces" / name).iterdir()
-        trimmed = load_trace(kept)
-        assert (trimmed.meta["trimmed_from"]["start"], trimmed.meta["trimmed_from"]["steps"]) == (0, 10)
-        original = load_trace(flip_run / "traces" / name / "portable")
-        assert trimmed.digests == original.digests[:10]
+        kept = {d.name.split(".")[0]: d for d in (root / "traces" / name).iterdir()}
+        # the bundle holds every step the page quotes: the portable divergence and the native one
+        # (native runs diverge too: one sampler; and the teacher-forced drift spikes at step 6)
+        assert native and set(kept) == ({"portable", "native-0"} if name == "cpu" else {"portable", "native-0", "forced"})
+        for run, d in kept.items():
+            trimmed = load_trace(d)
+            start, n = trimmed.meta["trimmed_from"]["start"], trimmed.meta["trimmed_from"]["steps"]
+            assert start <= (native["step"] if run == "native-0" and name == "flip" else 6) < start + n
+            original = load_trace(flip_run / "traces" / name / run)
+            assert trimmed.digests == original.digests[start:start + n]
+    assert "--out" not in md.split("## Reproduce")[1].split("```")[1]  # no forced run directory
+    assert "## Numeric arbiter" in md and "cpu:fp64" in md
 
 
 def test_bundle_of_a_7b_vocabulary_run_fits_and_its_traces_load(tmp_path):
@@ -99,8 +109,8 @@ def test_bundle_of_a_7b_vocabulary_run_fits_and_its_traces_load(tmp_path):
     print(f"7B bundle: {files.bundle_bytes} bytes, window +-{files.plan.half_width} steps")
     assert 0 < files.plan.half_width < WINDOW and not files.plan.omitted  # trimmed to fit, nothing dropped
     md = files.markdown.read_text()
-    assert "### mps: NUMERIC_DIVERGENCE at step 30, stream audio0" in md
-    assert "### mlx: SAMPLER_DIVERGENCE at step 80, stream text" in md
+    assert "### mps: NUMERIC_DIVERGENCE at step 30, audio0" in md
+    assert "### mlx: SAMPLER_DIVERGENCE at step 80, text" in md
     (mps_row,) = table_rows(md, "| mps (portable)")
     assert mps_row[1] == "7" and mps_row[5] == "7 (1.0000)"
     assert len(files.plots) == 2 and "Apple M3 Max" in md and "NO_TORCH_COMPILE" in md
@@ -130,7 +140,7 @@ def test_no_divergence_keeps_the_first_steps(tmp_path):
     files = write_report(run)
     assert "No backend diverged" in files.markdown.read_text()
     n = files.plan.windows[0].stop  # 16 steps (2 x WINDOW) unless that is over the limit: 3 x 16 x 194 kB is
-    assert 0 < n < 16
+    assert 0 < n <= 16
     assert {(w.backend, w.run, w.start, w.stop) for w in files.plan.windows} == {
         ("cpu", "native-0", 0, n), ("mps", "forced", 0, n), ("mlx", "forced", 0, n)}
     assert files.bundle_bytes <= BUNDLE_LIMIT
@@ -141,3 +151,32 @@ def test_run_directory_without_a_report_is_bad_input(tmp_path):
     assert_clean_error(proc, 2, "report.json", "run xbackend compare first")
     with pytest.raises(Exception, match="report.json"):
         load_run(tmp_path)
+
+
+def test_verdicts_quoting_one_divergence_share_one_table(tmp_path):
+    run = seven_b_run(tmp_path / "run", steps=40)
+    report = json.loads((run / "report.json").read_text())
+    for v in report["verdicts"]:
+        v.update(verdict="NUMERIC_DIVERGENCE", first_divergence={"step": 30, "stream": "audio0"},
+                 figures={**v["figures"], "portable_divergence": {"step": 30, "stream": "audio0"},
+                          "native_divergence": None})
+    (run / "report.json").write_text(json.dumps(report))
+    md = write_report(run).markdown.read_text()
+    assert md.count("### ") == 1
+    assert "### mps: NUMERIC_DIVERGENCE, mlx: NUMERIC_DIVERGENCE at step 30, audio0" in md
+    assert len(table_rows(md, "| mps (portable)")) == 1
+
+
+def test_reproduce_command_keeps_the_request_and_no_local_paths():
+    from xbackend.report import reproduce_command
+    from xbackend.results import CompareReport
+
+    req = {"backends": ["cpu", "flip:bf16"], "model": "/data/ckpt.safetensors", "model_config": "/data/config.json",
+           "prompt": {"source": "/home/me/secret/take3.wav", "digest": "d"}, "seed": 1, "steps": 50, "repeats": 2,
+           "alignment": "aligned", "settings": {"temp_text": 0.6, "top_k_text": 25, "temp_audio": 0.8,
+                                                "top_k_audio": 250, "future_key": 1},
+           "plugins": ["flip.py"], "arbiter": "none"}
+    cmd = reproduce_command(CompareReport(request=req, reference="cpu", backends=()))
+    assert cmd == ("xbackend compare --backends cpu,flip:bf16 --model /data/ckpt.safetensors --model-config "
+                   "/data/config.json --prompt prompt_codes.npy --seed 1 --steps 50 --repeats 2 --alignment aligned "
+                   "--temp-text 0.6 --arbiter none --plugin flip.py")

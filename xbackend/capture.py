@@ -16,10 +16,8 @@ from .backends.base import ALIGNMENTS
 from .errors import BackendFailed, XBackendError
 from .models import ModelRef, resolve_model
 from .prompt import CODES_SUFFIXES, Prompt, codes_digest, load_prompt, read_codes
-from .samplers import Sampler, SamplingSettings, parse_mode
+from .samplers import DEFAULT_SEED, Sampler, SamplingSettings, parse_mode
 from .trace import Trace, TraceWriter, load_trace
-
-DEFAULT_SEED = 299792458  # the Rust CLI's default, so runs line up with candle's
 
 
 @dataclass(frozen=True)
@@ -158,7 +156,7 @@ def run_loaded(session: LoadedBackend, req: CaptureRequest, out: str | Path,
     meta = {
         "backend": backend.label, "library": backend.library, "spec": dataclasses.asdict(backend.spec),
         "model": model.describe(), "prompt": prompt.describe(), "seed": req.seed,
-        "sampler": sampler.describe(), "settings": dataclasses.asdict(req.settings),
+        "sampler": sampler.describe(native=backend.native_sampler()), "settings": req.settings.to_dict(),
         "alignment": {"mode": req.alignment, "consumes_late": backend.consumes_late,
                       "user_delays": model.user_delays},
         "delays": model.delays, "steps_requested": req.steps, "run_index": req.run_index,

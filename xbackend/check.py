@@ -12,25 +12,14 @@ codes. `check` runs the same backends again with the same settings and compares,
 | `verdict` | a non-reference backend gets the verdict it got in the baseline |
 | `repeatability` | a backend that was bitwise repeatable in the baseline still is (skipped where it was not) |
 
-The tolerances (`CHECK_TOLERANCES`) bound a backend against *its own* baseline on the same kind of
-machine, so they are far tighter than the cross-backend `metrics.TOLERANCES`:
-
-| tier | max abs Δlogit | why |
-| --- | --- | --- |
-| fp64 | 4e-6 | traces keep float32 logits (upstream casts them): two float32 ulps at abs(logit) ~ 20 |
-| fp32 | 1e-5 | same kernels give 0; another BLAS build, thread count or CPU generation reorders sums by a few ulps of logits ~±10 (1e-6) |
-| fp16 | 4e-3 | about 8 half-precision ulps of a logit near 1 |
-| bf16 | 1.6e-2 | about 2 bf16 ulps of a logit near 1 |
-| q8 | 5e-2 | quantized weights: rounding inside dequantization may reorder |
-| q4 | 2e-1 | 4-bit groups: coarse, only real changes should trip it |
-
+The tolerances (`tolerances.CHECK_TOLERANCES`) bound a backend against *its own* baseline on the
+same kind of machine, so they are far tighter than the cross-backend ones (`tolerances.py` says why).
 A TOML file overrides them: `[tolerances]` then `fp32 = 1e-5` ... (tiers only).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -39,66 +28,21 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-
 from . import metrics
-from .compare import CompareRequest, EventFn, load_partial, run_compare, safe_name
+from .compare import CompareRequest, EventFn, run_compare
 from .errors import BackendFailed, XBackendError
+from .markdown import md_table
+from .results import CompareReport, Point, Repeatability, Verdict, exit_code, where
+from .rundir import FORCED, NATIVE_0, PORTABLE, PROMPT_CODES, TRACES, load_partial, safe_name
 from .samplers import SamplingSettings
+from .tolerances import CHECK_TOLERANCES, load_tolerances, tier_of
 from .trace import Trace, load_trace, write_json_atomic
 
 BASELINE_SCHEMA = "xbackend.baseline/1"
 CHECK_SCHEMA = "xbackend.check/1"
 BASELINE_JSON = "baseline.json"
-PROMPT_CODES = "prompt_codes.npy"
 
-CHECK_TOLERANCES: dict[str, float] = {
-    "fp64": 4e-6,
-    "fp32": 1e-5,
-    "fp16": 4e-3,
-    "bf16": 1.6e-2,
-    "q8": 5e-2,
-    "q4": 2e-1,
-}
-
-
-# --------------------------------------------------------------------------- tolerances
-
-
-def load_tolerances(path: str | Path) -> dict[str, float]:
-    """The tolerance table: `CHECK_TOLERANCES` with the `[tolerances]` of a TOML file on top."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise XBackendError("Reading a tolerances file needs Python 3.11+ or the tomli package",
-                                fix="pip install tomli") from None
-    path = Path(path)
-    if not path.is_file():
-        raise XBackendError(f"Tolerances file {path} does not exist", fix="pass an existing TOML file to --tolerances")
-    example = "[tolerances] then one line per tier, e.g. fp32 = 1e-5"
-    try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise XBackendError(f"Tolerances file {path} is not valid TOML ({exc})", fix=f"write {example}") from None
-    for key in data:
-        if key != "tolerances":
-            raise XBackendError(f"Unknown key {key!r} in tolerances file {path}",
-                                asked="the file has one table, [tolerances]", fix=f"write {example}")
-    table = data.get("tolerances", {})
-    if not isinstance(table, dict):
-        raise XBackendError(f"'tolerances' in {path} is not a table", fix=f"write {example}")
-    out = dict(CHECK_TOLERANCES)
-    for key, value in table.items():
-        if key not in CHECK_TOLERANCES:
-            raise XBackendError(f"Unknown key {key!r} in tolerances file {path}",
-                                asked=f"tiers are {', '.join(CHECK_TOLERANCES)}", fix=f"write {example}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise XBackendError(f"Tolerance {key!r} in {path} is {value!r}, not a non-negative number",
-                                fix=f"write a number, e.g. {key} = {CHECK_TOLERANCES[key]:g}")
-        out[key] = float(value)
-    return out
+__all__ = ["CHECK_TOLERANCES", "load_tolerances", "create_baseline", "run_check", "junit_xml", "CheckReport"]
 
 
 # --------------------------------------------------------------------------- baselines
@@ -106,7 +50,7 @@ def load_tolerances(path: str | Path) -> dict[str, float]:
 
 def baseline_runs(label: str, reference: str) -> tuple[str, ...]:
     """The runs a baseline keeps for one backend."""
-    return ("native-0", "portable") if label == reference else ("native-0", "portable", "forced")
+    return (NATIVE_0, PORTABLE) if label == reference else (NATIVE_0, PORTABLE, FORCED)
 
 
 def create_baseline(req: CompareRequest, out: str | Path, on_event: EventFn | None = None) -> dict:
@@ -114,10 +58,10 @@ def create_baseline(req: CompareRequest, out: str | Path, on_event: EventFn | No
     from . import __version__
 
     out = Path(out)
-    req = replace(req, decode_audio=False)
+    req = replace(req, decode_audio=False, arbiter="none")  # a baseline keeps what check holds runs to
     with tempfile.TemporaryDirectory(prefix="xbackend-baseline-") as tmp:
         report = run_compare(req, tmp, on_event)
-        bad = [b for b in report["backends"] if b["status"] != "ok"]
+        bad = [b for b in report.backends if b["status"] != "ok"]
         if bad:
             raise BackendFailed(f"Cannot make a baseline: backend {bad[0]['name']} is {bad[0]['status']} "
                                 f"({bad[0]['error']})", fix="make the baseline from backends that run on this machine")
@@ -126,35 +70,35 @@ def create_baseline(req: CompareRequest, out: str | Path, on_event: EventFn | No
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(Path(tmp) / PROMPT_CODES, out / PROMPT_CODES)
         traces = {}
-        ref = report["reference"]
-        for b in report["backends"]:
+        ref = report.reference
+        for b in report.backends:
             label = b["name"]
-            rel = Path("traces") / safe_name(label)
+            rel = Path(TRACES) / safe_name(label)
             for run in baseline_runs(label, ref):
-                shutil.copytree(Path(tmp) / report["traces"][label] / run, out / rel / run)
+                shutil.copytree(Path(tmp) / report.traces[label] / run, out / rel / run)
             traces[label] = {"dir": rel.as_posix(), "runs": list(baseline_runs(label, ref)),
-                             "tier": metrics.tier_of(load_trace(out / rel / "native-0"))}
-    r = report["request"]
+                             "tier": tier_of(load_trace(out / rel / NATIVE_0))}
+    r = report.request
     baseline = {
         "schema": BASELINE_SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "xbackend_version": __version__,
         "backends": list(req.backends),
-        "reference": report["reference"],
+        "reference": report.reference,
         "model": {"name": r["model"], "digest": r["model_digest"]},
         "prompt": {"file": PROMPT_CODES, "digest": r["prompt"]["digest"], "source": r["prompt"]["source"],
                    "frames": r["prompt"]["frames"]},
         "seed": req.seed, "steps": req.steps, "repeats": req.repeats, "alignment": req.alignment,
-        "settings": asdict(req.settings), "plugins": [str(p) for p in req.plugins],
+        "settings": req.settings.to_dict(), "plugins": [str(p) for p in req.plugins],
         "expected": {
-            "verdicts": [{"backend": v["backend"], "vs": v["vs"], "verdict": v["verdict"],
-                          "first_divergence": v["first_divergence"],
-                          "forced_max_abs": v["figures"].get("forced_max_abs")} for v in report["verdicts"]],
-            "repeatability": [{"backend": x["backend"], "logits_identical": x["logits_identical"],
-                               "tokens_identical": x["tokens_identical"]} for x in report["repeatability"]],
+            "verdicts": [{"backend": v.backend, "vs": v.vs, "verdict": v.verdict,
+                          "first_divergence": None if v.first_divergence is None else v.first_divergence.to_dict(),
+                          "forced_max_abs": v.figures.get("forced_max_abs")} for v in report.verdicts],
+            "repeatability": [{"backend": x.backend, "logits_identical": x.logits_identical,
+                               "tokens_identical": x.tokens_identical} for x in report.repeatability],
         },
         "traces": traces,
-        "env": {b["name"]: b["env"] for b in report["backends"]},
+        "env": {b["name"]: b["env"] for b in report.backends},
     }
     write_json_atomic(out / BASELINE_JSON, baseline)
     return baseline
@@ -208,11 +152,11 @@ def request_from_baseline(baseline: dict, path: Path, *, model: str | None, seed
     return CompareRequest(backends=tuple(baseline["backends"]), model=model or baseline["model"]["name"],
                           prompt=str(path / baseline["prompt"]["file"]), seed=baseline["seed"],
                           steps=baseline["steps"], repeats=baseline["repeats"], timeout=timeout,
-                          alignment=baseline["alignment"], settings=SamplingSettings(**baseline["settings"]),
-                          plugins=plugins, decode_audio=False)
+                          alignment=baseline["alignment"], settings=SamplingSettings.from_dict(baseline["settings"]),
+                          plugins=plugins, decode_audio=False, arbiter="none")
 
 
-def recorded_run(baseline: dict, base_dir: Path, run_dir: Path) -> dict:
+def recorded_run(baseline: dict, base_dir: Path, run_dir: Path) -> CompareReport:
     """The report.json of a run recorded earlier (`compare`, `check --out`), once it is clear that the
     run repeats what the baseline ran: same backends, model, prompt codes, seed, steps, repeats,
     alignment and sampling settings. Checking it runs nothing, so it needs no backend installed."""
@@ -225,21 +169,21 @@ def recorded_run(baseline: dict, base_dir: Path, run_dir: Path) -> dict:
         r = report["request"]
         got = {"backends": list(r["backends"]), "model digest": r["model_digest"], "prompt digest": r["prompt"]["digest"],
                "seed": r["seed"], "steps": r["steps"], "repeats": r["repeats"], "alignment": r["alignment"],
-               "sampling settings": SamplingSettings(**r["settings"])}
+               "sampling settings": SamplingSettings.from_dict(r["settings"])}
     except (ValueError, KeyError, TypeError) as exc:
         raise XBackendError(f"{file} is not a report of `xbackend compare` ({type(exc).__name__}: {exc})",
                             fix="pass a run directory written by `xbackend compare` or `xbackend check --out`") from None
     want = {"backends": list(baseline["backends"]), "model digest": baseline["model"]["digest"],
             "prompt digest": baseline["prompt"]["digest"], "seed": baseline["seed"], "steps": baseline["steps"],
             "repeats": baseline["repeats"], "alignment": baseline["alignment"],
-            "sampling settings": SamplingSettings(**baseline["settings"])}
+            "sampling settings": SamplingSettings.from_dict(baseline["settings"])}
     for key, value in want.items():
         if got[key] != value:
             raise XBackendError(f"Run {run_dir} was not made like baseline {base_dir}: its {key} is {got[key]}, "
                                 f"the baseline's {value}",
                                 fix=f"record the run with `xbackend check --baseline {base_dir} --out DIR`, "
                                 "or check without --run")
-    return report
+    return CompareReport.from_dict(report)
 
 
 # --------------------------------------------------------------------------- checks
@@ -266,8 +210,8 @@ def logits_check(label: str, tier: str, tol: float, pairs: list[tuple[str, Trace
     if worst["max_abs"] == 0.0:
         text = f"bitwise equal to the baseline in {', '.join(runs)} (tolerance {tol:g} for {tier})"
     else:
-        text = (f"max |Δlogit| {worst['max_abs']:.3g} against the baseline ({worst_run}, step {worst['at']['step']}, "
-                f"{worst['at']['stream']}; tolerance {tol:g} for {tier})")
+        text = (f"max |Δlogit| {worst['max_abs']:.3g} against the baseline ({worst_run}, {where(worst['at'])}; "
+                f"tolerance {tol:g} for {tier})")
     ok = worst["max_abs"] <= tol
     return CheckResult(label, "logits", "pass" if ok else "fail", f"{label}: logits: {text}", figures)
 
@@ -289,44 +233,42 @@ def tokens_check(label: str, base: Trace, fresh: Trace) -> CheckResult:
                    token=int(fresh.tokens[step, col]), max_abs_there=delta,
                    margin_there=float(base.margins[step, col]))
     return CheckResult(label, "tokens", "fail",
-                       f"{label}: tokens: portable tokens differ from the baseline's first at step {step}, {stream}: "
+                       f"{label}: tokens: portable tokens differ from the baseline's first at {where(Point(step, stream))}: "
                        f"baseline took {figures['baseline_token']}, now {figures['token']} (max |Δlogit| there "
                        f"{delta:.3g}, decision margin {figures['margin_there']:.3g})", figures)
 
 
-def verdict_check(label: str, expected: dict, got: dict | None) -> CheckResult:
-    def where(v: dict | None) -> str:
-        at = v.get("first_divergence") if v else None
-        return f" at step {at['step']}, {at['stream']}" if at else ""
-
-    figures = {"expected": expected["verdict"], "got": got["verdict"] if got else None,
+def verdict_check(label: str, expected: dict, got: Verdict | None) -> CheckResult:
+    was = Point.from_dict(expected.get("first_divergence"))
+    figures = {"expected": expected["verdict"], "got": got.verdict if got else None,
                "expected_first_divergence": expected.get("first_divergence"),
-               "first_divergence": got.get("first_divergence") if got else None}
-    ok = got is not None and got["verdict"] == expected["verdict"]
-    text = (f"{label}: verdict: expected {expected['verdict']}{where(expected)} against {expected['vs']}, "
-            f"got {got['verdict'] if got else 'none'}{where(got)}")
+               "first_divergence": got.first_divergence.to_dict() if got and got.first_divergence else None}
+    ok = got is not None and got.verdict == expected["verdict"]
+    text = (f"{label}: verdict: expected {expected['verdict']}{' at ' + where(was) if was else ''} against "
+            f"{expected['vs']}, got {got.verdict if got else 'none'}"
+            f"{' at ' + where(got.first_divergence) if got and got.first_divergence else ''}")
     return CheckResult(label, "verdict", "pass" if ok else "fail", text, figures)
 
 
-def repeatability_check(label: str, expected: dict | None, got: dict | None) -> CheckResult:
-    if expected is None or got is None or got.get("runs", 0) < 2:
+def repeatability_check(label: str, expected: dict | None, got: Repeatability | None) -> CheckResult:
+    if expected is None or got is None or not got.measured:
         return CheckResult(label, "repeatability", "skip", f"{label}: repeatability: fewer than 2 runs")
     if not (expected["logits_identical"] and expected["tokens_identical"]):
         return CheckResult(label, "repeatability", "skip",
                            f"{label}: repeatability: not repeatable in the baseline either; not checked")
-    ok = got["logits_identical"] and got["tokens_identical"]
-    figures = {k: got.get(k) for k in ("logits_identical", "tokens_identical", "first_nondeterministic_step",
-                                        "first_nondeterministic_stream", "run_to_run_drift")}
+    ok = bool(got.repeatable)
+    d = got.to_dict()
+    figures = {k: d[k] for k in ("logits_identical", "tokens_identical", "first_nondeterministic_step",
+                                  "first_nondeterministic_stream", "run_to_run_drift")}
     text = (f"{label}: repeatability: bitwise repeatable, as in the baseline" if ok else
-            f"{label}: repeatability: repeatable in the baseline, now its runs differ first at step "
-            f"{got.get('first_nondeterministic_step')}, {got.get('first_nondeterministic_stream')} "
-            f"(run-to-run drift {got.get('run_to_run_drift', 0.0):.3g})")
+            f"{label}: repeatability: repeatable in the baseline, now its runs differ first at "
+            f"{where(got.first_nondeterministic)} (run-to-run drift {got.drift_text()})")
     return CheckResult(label, "repeatability", "pass" if ok else "fail", text, figures)
 
 
-def backend_checks(label: str, baseline: dict, base_dir: Path, report: dict, run_dir: Path,
+def backend_checks(label: str, baseline: dict, base_dir: Path, report: CompareReport, run_dir: Path,
                    tolerances: dict[str, float]) -> list[CheckResult]:
-    entry = next(b for b in report["backends"] if b["name"] == label)
+    entry = next(b for b in report.backends if b["name"] == label)
     if entry["status"] != "ok":
         return [CheckResult(label, "run", "fail", f"{label}: run: {entry['status']} ({entry['error']})")]
     t = baseline["traces"][label]
@@ -336,28 +278,84 @@ def backend_checks(label: str, baseline: dict, base_dir: Path, report: dict, run
                             fix=f"add `{tier} = ...` under [tolerances]")
     pairs = []
     for run in t["runs"]:
-        fresh = load_partial(run_dir / report["traces"][label] / run)
+        fresh = load_partial(run_dir / report.traces[label] / run)
         if fresh is None:
             return [CheckResult(label, "run", "fail", f"{label}: run: its {run} run wrote no trace")]
         pairs.append((run, load_trace(base_dir / t["dir"] / run), fresh))
     out = [logits_check(label, tier, tolerances[tier], pairs)]
-    portable = next(p for p in pairs if p[0] == "portable")
+    portable = next(p for p in pairs if p[0] == PORTABLE)
     out.append(tokens_check(label, portable[1], portable[2]))
     expected = next((v for v in baseline["expected"]["verdicts"] if v["backend"] == label), None)
     if expected is not None:
-        out.append(verdict_check(label, expected, next((v for v in report["verdicts"] if v["backend"] == label), None)))
+        out.append(verdict_check(label, expected, report.verdict_for(label)))
     rep_expected = next((r for r in baseline["expected"]["repeatability"] if r["backend"] == label), None)
-    rep_got = next((r for r in report["repeatability"] if r["backend"] == label), None)
-    out.append(repeatability_check(label, rep_expected, rep_got))
+    out.append(repeatability_check(label, rep_expected, report.repeatability_for(label)))
     return out
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """The gate's result: every (backend, check) outcome against a baseline; `to_dict()` is `xbackend.check/1`."""
+
+    baseline: str
+    run_dir: str | None
+    backends: tuple[str, ...]
+    model: dict
+    seed: int
+    steps: int
+    tolerances: dict
+    checks: tuple[CheckResult, ...]
+    elapsed_s: float | None = None  # the whole check's wall time
+
+    @property
+    def passed(self) -> bool:
+        return not any(r.failed for r in self.checks)
+
+    @property
+    def expected(self) -> bool:
+        return self.passed
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(backend_failed=any(r.check == "run" and r.failed for r in self.checks),
+                         attention=not self.passed)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {s: sum(r.status == s for r in self.checks) for s in ("pass", "fail", "skip")}
+
+    @property
+    def explanation(self) -> str:
+        c = self.counts
+        return (f"{'PASSED' if self.passed else 'FAILED'}: {c['pass']} passed, {c['fail']} failed, "
+                f"{c['skip']} skipped against {self.baseline}")
+
+    def summary_table(self) -> str:
+        """The checks as a GitHub markdown table."""
+        return md_table(["backend", "check", "status", "message"],
+                        [[r.backend, r.check, r.status.upper(), r.message] for r in self.checks])
+
+    def to_dict(self) -> dict:
+        return {"schema": CHECK_SCHEMA, "baseline": self.baseline, "run_dir": self.run_dir,
+                "backends": list(self.backends), "model": self.model, "seed": self.seed, "steps": self.steps,
+                "tolerances": self.tolerances, "passed": self.passed, "exit_code": self.exit_code,
+                "counts": self.counts, "explanation": self.explanation, "checks": [asdict(r) for r in self.checks],
+                "elapsed_s": self.elapsed_s}
+
+    @staticmethod
+    def from_dict(d: dict) -> CheckReport:
+        if d.get("schema") != CHECK_SCHEMA:
+            raise XBackendError(f"check result has schema {d.get('schema')!r}, expected {CHECK_SCHEMA!r}")
+        return CheckReport(d["baseline"], d.get("run_dir"), tuple(d["backends"]), d["model"], d["seed"], d["steps"],
+                           d["tolerances"], tuple(CheckResult(**c) for c in d["checks"]), d.get("elapsed_s"))
 
 
 def run_check(baseline_dir: str | Path, *, model: str | None = None, seed: int | None = None,
               steps: int | None = None, tolerances: dict[str, float] | None = None, plugins: tuple[str, ...] = (),
               timeout: float = 600.0, out: str | Path | None = None, on_event: EventFn | None = None,
-              run: str | Path | None = None) -> dict:
+              run: str | Path | None = None) -> CheckReport:
     """Run the baseline's backends again (or read the run recorded in `run`) and hold them to the
-    committed traces; returns the result."""
+    committed traces."""
     started = time.perf_counter()
     base_dir = Path(baseline_dir)
     baseline = load_baseline(base_dir)
@@ -377,23 +375,17 @@ def run_check(baseline_dir: str | Path, *, model: str | None = None, seed: int |
             report = run_compare(req, run_dir, on_event)
         results = [r for label in baseline["traces"]
                    for r in backend_checks(label, baseline, base_dir, report, run_dir, table)]
-    failed_run = any(r.check == "run" and r.failed for r in results)
-    failed = any(r.failed for r in results)
-    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
-    return {
-        "schema": CHECK_SCHEMA, "baseline": str(base_dir), "run_dir": str(out) if out is not None else None,
-        "backends": baseline["backends"], "model": baseline["model"], "seed": baseline["seed"],
-        "steps": baseline["steps"], "tolerances": table, "passed": not failed,
-        "exit_code": 3 if failed_run else 1 if failed else 0, "counts": counts,
-        "checks": [asdict(r) for r in results], "elapsed_s": round(time.perf_counter() - started, 3),
-    }
+    return CheckReport(str(base_dir), str(out) if out is not None else None, tuple(baseline["backends"]),
+                       baseline["model"], baseline["seed"], baseline["steps"], table, tuple(results),
+                       round(time.perf_counter() - started, 3))
 
 
-def junit_xml(result: dict) -> str:
+def junit_xml(report: CheckReport) -> str:
     """JUnit XML: one testcase per backend and check (classname = backend, name = check).
 
     The suite's time is the whole check's wall time (running every backend, then comparing); the
     checks of one run have no time of their own, so test cases carry none."""
+    result = report.to_dict()
     checks = result["checks"]
     timed = {"time": f"{result['elapsed_s']:.3f}"} if result.get("elapsed_s") is not None else {}
     suite = ET.Element("testsuite", name="xbackend check", tests=str(len(checks)),

@@ -267,41 +267,43 @@ def run_progress():
     return progress, on_event
 
 
-def print_verdicts(report: dict) -> None:
+def print_verdicts(report) -> None:
+    """The terminal table of a CompareReport: every verdict labelled expected or needs attention."""
     from rich.console import Console
     from rich.table import Table
 
+    from .results import where
+
     console = Console()
-    ref = report.get("reference_repeatability")
-    if ref and not (ref["logits_identical"] and ref["tokens_identical"]):
-        console.print(f"[bold red]Warning:[/bold red] the reference {report['reference']} is not repeatable "
-                      f"(first difference at step {ref['first_nondeterministic_step']}): every comparison below "
-                      "carries its noise.")
-    for b in report["backends"]:
+    if report.reference_warning:
+        console.print(f"[bold red]Warning:[/bold red] {report.reference_warning}.")
+    for b in report.backends:
         if b["status"] != "ok":
             console.print(f"[red]{b['name']}: {b['status']}[/red] - {b['error']}")
-    for n in report.get("not_diagnosed", []):
+    for n in report.not_diagnosed:
         console.print(f"[yellow]{n['backend']}: not diagnosed[/yellow] - {n['reason']}")
-    table = Table(title=f"xbackend compare (reference: {report['reference']})")
-    table.add_column("backend", no_wrap=True)
-    table.add_column("verdict", no_wrap=True)
-    for col in ("first div.", "forced max |Δ|", "portable div.", "native div."):
-        table.add_column(col)
-
-    def where(d):
-        return f"{d['step']}:{d['stream']}" if d else "-"
-
-    for v in report["verdicts"]:
-        f = v["figures"]
-        drift = f"{f['forced_max_abs']:.2g} (tol {f['tolerance']:g})" if "forced_max_abs" in f else "-"
-        table.add_row(v["backend"], v["verdict"], where(v["first_divergence"]), drift,
-                      where(f.get("portable_divergence")), where(f.get("native_divergence")))
+    arbiter = report.arbiter or {}
+    if arbiter.get("status") not in (None, "ok", "off"):
+        console.print(f"[yellow]arbiter {arbiter.get('spec')}: {arbiter['status']}[/yellow] - {arbiter.get('error')}")
+    table = Table(title=f"xbackend compare (reference: {report.reference})")
+    for col in ("backend", "verdict", "first div.", "forced max |Δ| / tol", "portable / native div.",
+                "to arbiter (median)"):
+        table.add_column(col, no_wrap=col in ("backend", "verdict"))
+    for v in report.verdicts:
+        f = v.figures
+        drift = f"{f['forced_max_abs']:.2g} / {f['tolerance']:g}" if "forced_max_abs" in f else "-"
+        a = f.get("arbiter")
+        arb = "-" if not a else f"{a['backend_median']:.2g} vs {a['reference_median']:.2g}"
+        label = "[green]expected[/green]" if v.expected else "[red]needs attention[/red]"
+        table.add_row(v.backend, f"{v.verdict}\n{label}", where(v.first_divergence, short=True), drift,
+                      f"{where(f.get('portable_divergence'), short=True)} / {where(f.get('native_divergence'), short=True)}",
+                      arb)
     console.print(table)
-    for v in report["verdicts"]:
-        console.print(f"[bold]{v['backend']}[/bold] ({v['verdict']}): {v['explanation']}")
-        if v["secondary"]:
-            console.print("  also: " + ", ".join(s["verdict"] for s in v["secondary"]))
-    print_words(report.get("words"))
+    for v in report.verdicts:
+        console.print(f"[bold]{v.backend}[/bold] ({v.verdict}, {v.label}): {v.explanation}")
+        if v.secondary:
+            console.print("  also: " + "; ".join(str(s) for s in v.secondary))
+    print_words(report.words)
 
 
 def print_words(words: Optional[dict]) -> None:
@@ -340,34 +342,36 @@ def compare(
     sampler: str = typer.Option("portable", help="Sampler of the comparable free runs: portable, or candle "
                                                  "(the Rust app's TopK, bit-exact)."),
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Run directory to write."),
+    arbiter: str = typer.Option("auto", help="Numeric arbiter teacher-forced on the reference's tokens: auto "
+                                "(cpu:fp64 when the model fits in memory), none, or a backend spec."),
     codec: str = typer.Option("torch:cpu", "--codec", help="Codec spec that decodes the generated audio (torch:cpu, mlx:cpu, candle, ...)."),
     plugin: Optional[List[Path]] = PLUGIN_OPT,
     as_json: bool = JSON_OPT,
     json_out: Optional[Path] = JSON_OUT_OPT,
 ) -> None:
     """Run the diagnosis protocol on every backend and give one verdict per backend."""
-    from .compare import CompareRequest, exit_code, run_compare
+    from .compare import CompareRequest, run_compare
 
     req = CompareRequest(backends=tuple(backends.split(",")), model=model, model_config=model_config, prompt=prompt,
                          seed=seed, steps=steps, repeats=repeats, timeout=timeout, alignment=alignment,
                          settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio, sampler),
-                         sampler=sampler, plugins=tuple(str(p) for p in plugin or []), codec=codec)
+                         sampler=sampler, plugins=tuple(str(p) for p in plugin or []), codec=codec, arbiter=arbiter)
     progress, on_event = run_progress()
     with progress:
         report = run_compare(req, out, on_event, min_backends=2)
 
     def text() -> None:
         print_verdicts(report)
-        t = report["timing"]
-        if report.get("codec"):
-            typer.echo(f"audio decoded with codec {report['codec']['spec']} into {out / 'audio'}")
+        t = report.timing
+        if report.codec:
+            typer.echo(f"audio decoded with codec {report.codec['spec']} into {out / 'audio'}")
         typer.echo(f"run directory: {out} (report.json, traces/, audio/); took {t['wall_s']:.1f} s, of which "
                    f"model steps {t['model_steps_s']:.1f} s and {t['loads']} model "
                    f"load{'s' if t['loads'] != 1 else ''} {t['model_load_s']:.1f} s, over {t['runs']} runs")
-        typer.echo("traces: " + ", ".join(f"{label} in {out / path}" for label, path in report["traces"].items()))
+        typer.echo("traces: " + ", ".join(f"{label} in {out / path}" for label, path in report.traces.items()))
 
-    emit(report, as_json, json_out, text)
-    raise typer.Exit(exit_code(report))
+    emit(report.to_dict(), as_json, json_out, text)
+    raise typer.Exit(report.exit_code)
 
 
 @command()
@@ -422,7 +426,7 @@ def diff(
     from .diff import diff as run_diff
 
     result = run_diff(trace_a, trace_b, force=force)
-    if result.steps_compared == 0:
+    if result.steps_common == 0:
         empty = trace_a if result.steps_a == 0 else trace_b
         raise XBackendError(f"Trace {empty} has no complete step, so there is nothing to compare",
                             fix="capture it again (its meta.json says why the run stopped)")
@@ -435,7 +439,8 @@ def diff(
         console = Console()
         for note in data.get("notes", []):
             console.print(f"note: {note}")
-        table = Table(title=f"{trace_b} against {trace_a} ({data['steps_compared']} steps)")
+        table = Table(title=f"{trace_b} against {trace_a} ({data['steps_compared']} of {data['steps_common']} common "
+                            "steps with identical inputs)")
         for col in ("stream", "max |Δlogit|", "median", "p99", "RMS max", "KL max", "top-1 agree"):
             table.add_column(col)
         for stream, s in data["summaries"].items():
@@ -443,20 +448,19 @@ def diff(
                           _fmt(s["rms"]["max"]), _fmt(s["kl"]["max"]), _fmt(s["top1"]["mean"]))
         console.print(table)
         fd = data.get("first_divergence")
-        console.print("tokens: identical" if fd is None else
-                      f"first token divergence: step {fd['step']}, stream {fd['stream']} "
-                      f"(|Δlogit| {_fmt(fd.get('max_abs'))}, margins {_fmt(fd.get('margin_a'))} / {_fmt(fd.get('margin_b'))}, "
-                      f"explained by drift: {fd.get('explained')})")
+        if fd is not None:
+            console.print(f"first token divergence: step {fd['step']}, stream {fd['stream']} "
+                          f"(|Δlogit| {_fmt(fd.get('max_abs'))}, margins {_fmt(fd.get('margin_a'))} / "
+                          f"{_fmt(fd.get('margin_b'))}, explained by drift: {fd.get('explained')})")
         if not data["logits_compared"]:
             console.print("logits: not compared (a token trace has none)")
         else:
             console.print("logits: bitwise identical" if data["logits_identical"] else
-                          f"logits: first bitwise difference at step {data['first_bitwise_step']}; "
-                          f"{'within' if data['within_tolerance'] else 'BEYOND'} tolerance {data['tolerance']:g}")
+                          f"logits: first bitwise difference at step {data['first_bitwise_step']}")
+        console.print(f"{'expected' if result.expected else 'needs attention'}: {result.explanation}")
 
     emit(data, as_json, json_out, text)
-    diverged = data.get("first_divergence") is not None or not data["within_tolerance"]
-    raise typer.Exit(1 if diverged else 0)
+    raise typer.Exit(result.exit_code)
 
 
 def _fmt(x) -> str:
@@ -491,28 +495,24 @@ def repeat(
         result = run_repeat(req, out, on_event)
 
     def text() -> None:
-        n = result["runs"]
-        typer.echo(f"{backend}: {result['identical_logits_runs']}/{n} runs bitwise identical in logits, "
-                   f"{result['identical_token_runs']}/{n} in tokens")
-        if result["first_nondeterministic_step"] is not None:
-            typer.echo(f"first nondeterministic step: {result['first_nondeterministic_step']} "
-                       f"({result['first_nondeterministic_stream']}); run-to-run drift {result['run_to_run_drift']:.3g}")
+        rep, n = result.repeatability, result.repeatability.runs
+        typer.echo(f"{backend}: {result.identical_logits_runs}/{n} runs bitwise identical in logits, "
+                   f"{result.identical_token_runs}/{n} in tokens")
+        if rep.first_nondeterministic is not None:
+            typer.echo(f"first nondeterministic: {rep.first_nondeterministic}; run-to-run drift {rep.drift_text()}")
         from .words import shorten
 
-        words = result.get("words") or []
-        typer.echo(f"{result['identical_text_runs']}/{n} runs give the same words as run 0, "
-                   f"{result['identical_audio_runs']}/{n} the same decoded audio")
-        for i, d in enumerate(result["run_digests"]):
-            w = words[i] if i < len(words) else {}
+        typer.echo(f"{result.identical_text_runs}/{n} runs give the same words as run 0, "
+                   f"{result.identical_audio_runs}/{n} the same decoded audio")
+        for i, d in enumerate(result.run_digests):
+            w = result.words[i] if i < len(result.words) else {}
             typer.echo(f"  run {i}: {d}  audio {w.get('audio_digest') or '-'}  "
                        f"{shorten(w.get('text') or '') or '(no words)'}")
-        for f in result["failures"]:
+        for f in result.failures:
             typer.echo(f"  {f['run']}: {f['status']} - {f['error']}", err=True)
 
-    emit(result, as_json, json_out, text)
-    if result["failures"]:
-        raise typer.Exit(3)
-    raise typer.Exit(0 if result["logits_identical"] and result["tokens_identical"] else 1)
+    emit(result.to_dict(), as_json, json_out, text)
+    raise typer.Exit(result.exit_code)
 
 
 @command()
@@ -589,14 +589,11 @@ def check(
         junit.write_text(junit_xml(result))
 
     def text() -> None:
-        for r in result["checks"]:
-            typer.echo(f"{r['status'].upper():4} {r['message']}")
-        c = result["counts"]
-        typer.echo(f"{'PASSED' if result['passed'] else 'FAILED'}: {c['pass']} passed, {c['fail']} failed, "
-                   f"{c['skip']} skipped against {baseline}")
+        typer.echo(result.summary_table())
+        typer.echo(result.explanation)
 
-    emit(result, as_json, json_out, text)
-    raise typer.Exit(result["exit_code"])
+    emit(result.to_dict(), as_json, json_out, text)
+    raise typer.Exit(result.exit_code)
 
 
 baseline_app = typer.Typer(cls=Group, no_args_is_help=True, help="Make the baselines `xbackend check` holds runs to.")

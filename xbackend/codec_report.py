@@ -18,7 +18,7 @@ import numpy as np
 
 from .codec_stage import FILES, MISMATCH_FACTOR, PATHS, SCHEMA, frame_errors
 from .codecs.base import SAMPLE_RATE
-from .compare import safe_name
+from .rundir import safe_name
 from .errors import XBackendError
 
 REPORT_MD = "report.md"

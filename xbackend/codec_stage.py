@@ -38,7 +38,7 @@ import numpy as np
 from .codecs import (BUILTIN_CODECS, create_codec, describe_codec, parse_codec_specs, require_codec,
                      resolve_codec)
 from .codecs.base import FRAME_SIZE, SAMPLE_RATE, check_codebooks, pad_to_frames
-from .compare import safe_name, unique_labels
+from .rundir import safe_name, unique_labels
 from .errors import XBackendError
 from .trace import write_json_atomic
 from .worker import run_worker
@@ -393,15 +393,13 @@ def build_report(req: CodecRequest, ref, source: str, audio: np.ndarray, padded:
 
 def exit_code(report: dict) -> int:
     """3 a codec failed or was skipped, 1 a difference beyond tolerance (or an inconsistent reference), else 0."""
-    if any(c["status"] != "ok" for c in report["codecs"]):
-        return 3
+    from .results import exit_code as policy
+
     ref = next((c for c in report["streaming_consistency"] if c["codec"] == report["reference"]), None)
-    if ref is not None and not ref["within_tolerance"]:
-        return 1
-    for v in report["verdicts"]:
-        if v["verdict"] not in ("IDENTICAL", "NUMERIC_DRIFT", "CODE_DIVERGENCE") or not v["figures"]["within_tolerance"]:
-            return 1
-    return 0
+    attention = (ref is not None and not ref["within_tolerance"]) or any(
+        v["verdict"] not in ("IDENTICAL", "NUMERIC_DRIFT", "CODE_DIVERGENCE") or not v["figures"]["within_tolerance"]
+        for v in report["verdicts"])
+    return policy(backend_failed=any(c["status"] != "ok" for c in report["codecs"]), attention=attention)
 
 
 __all__ = ["CodecRequest", "run_codec_stage", "exit_code", "compare_codes", "compare_audio", "verdict",

@@ -1,13 +1,12 @@
-"""`compare` and `repeat`: run the protocol (docs/design.md, The protocol behind `compare`) in one worker process per backend, then diagnose."""
+"""`compare` and `repeat`: run the diagnosis protocol (docs/design.md, The protocol behind `compare`) in one worker
+process per backend, then diagnose."""
 
 from __future__ import annotations
 
-import json
-import re
+import os
 import shlex
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,21 +15,25 @@ from typing import Callable
 import numpy as np
 
 from .backends import create_backend, load_plugin, require_available
-from .capture import DEFAULT_SEED, CaptureRequest, check_request
-from .diagnose import BackendRuns, diagnose, explain, repeatability
+from .capture import CaptureRequest, check_request
+from .diagnose import BackendRuns, arbiter_comparison, arbiter_distance, diagnose, repeatability
 from .errors import BackendFailed, XBackendError
-from .metrics import tolerance
 from .codecs import describe_codec
 from .models import ModelRef, resolve_model, tiny_codec
 from .prompt import Prompt, load_prompt
-from .samplers import SamplingSettings, parse_mode
-from .spec import parse_specs
-from .trace import Trace, TruncatedTraceWarning, load_trace, write_json_atomic
+from .results import CompareReport, Repeatability, exit_code
+from .rundir import (ARBITER, FORCED, JOBS, PORTABLE, PROMPT_CODES, REPORT_JSON, TRACES, backend_dir,
+                     clear_previous_run, load_partial, native, safe_name, unique_labels)
+from .samplers import DEFAULT_SEED, SamplingSettings, parse_mode
+from .spec import parse_spec, parse_specs
+from .tolerances import tolerance
+from .trace import Trace, write_json_atomic
 from .words import run_words
 from .worker import RunOutcome, prepare_worker, request_to_json, run_worker
 
-SCHEMA = "xbackend.report/1"
 EventFn = Callable[[dict], None]
+DEFAULT_ARBITER = "cpu:fp64"
+ARBITER_AUTO, ARBITER_NONE = "auto", "none"
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class CompareRequest:
     plugins: tuple[str, ...] = ()
     decode_audio: bool = True
     codec: str = "torch:cpu"  # the codec spec that decodes each backend's audio tokens
+    arbiter: str = ARBITER_AUTO  # auto: cpu:fp64 when the model fits in memory; none: off; or a spec
     sampler: str | None = None  # compare: the comparable free runs' (portable | candle); repeat: the runs' (native)
 
 
@@ -64,88 +68,6 @@ def free_run_sampler(req: CompareRequest) -> str:
     return mode
 
 
-def safe_name(label: str) -> str:
-    """A backend label as a directory name: every run of characters outside [A-Za-z0-9_.-] becomes
-    one `_`, so `mlx:cpu` is stored as `traces/mlx_cpu` and a second `cpu` (`cpu#2`) as `traces/cpu_2`."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
-
-
-_TRACE_FILES = re.compile(r"(meta\.json(\.tmp)?|digests\.txt|tokens\.bin|margins\.bin|inputs\.bin|logits-[^/]+\.bin)")
-_RUN_FILES = ("report.json", "report.md", "repeat.json", "bundle.tar.gz", "prompt_codes.npy")
-
-
-def _is_trace_dir(path: Path) -> bool:
-    try:
-        return str(json.loads((path / "meta.json").read_text()).get("schema", "")).startswith("xbackend.trace/")
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def clear_previous_run(out: Path) -> list[Path]:
-    """Remove what an earlier `compare`, `repeat` or `report` wrote into `out`, so that a reused
-    `--out` never mixes the traces of backends that are no longer asked for with the new ones.
-
-    Only xbackend's own files go: trace files inside directories whose meta.json is an xbackend
-    trace, job files, the audio and plots an earlier report.json names, and the run's own
-    reports; directories are removed only when that leaves them empty. Returns what was removed."""
-    removed: list[Path] = []
-
-    def unlink(path: Path) -> None:
-        if path.is_file() and not path.is_symlink():
-            path.unlink()
-            removed.append(path)
-
-    try:
-        old = json.loads((out / "report.json").read_text())
-        labels = list(old.get("traces") or {})
-        audio = [str(a) for a in (old.get("audio") or {}).values()]
-    except (OSError, ValueError, AttributeError):
-        labels, audio = [], []
-    for label in labels:
-        unlink(out / "plots" / f"drift-{safe_name(str(label))}.png")
-    for rel in audio:
-        if re.fullmatch(r"audio/[A-Za-z0-9_.-]+\.wav", rel):
-            unlink(out / rel)
-    for job in (out / "jobs").glob("*.json"):
-        try:
-            is_job = {"runs", "plugins"} <= set(json.loads(job.read_text()))
-        except (OSError, ValueError, TypeError):
-            is_job = False
-        if is_job:
-            unlink(job)
-    traces = out / "traces"
-    for meta in sorted(traces.glob("**/meta.json")) if traces.is_dir() and not traces.is_symlink() else []:
-        if _is_trace_dir(meta.parent):
-            for f in meta.parent.iterdir():
-                if _TRACE_FILES.fullmatch(f.name):
-                    unlink(f)
-    for name in _RUN_FILES:
-        unlink(out / name)
-    emptied = {d for f in removed for d in f.parents if out in d.parents}
-    for d in sorted(emptied, key=lambda d: -len(d.parts)):
-        if not any(d.iterdir()):
-            d.rmdir()
-    return removed
-
-
-def unique_labels(specs: list[str]) -> list[str]:
-    """`cpu,cpu` becomes `cpu`, `cpu#2`: a backend may be compared with a copy of itself."""
-    seen: dict[str, int] = {}
-    out = []
-    for s in specs:
-        seen[s] = seen.get(s, 0) + 1
-        out.append(s if seen[s] == 1 else f"{s}#{seen[s]}")
-    return out
-
-
-def load_partial(path: Path) -> Trace | None:
-    """A trace as far as it got, or None when the run never started writing."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TruncatedTraceWarning)
-            return load_trace(path)
-    except XBackendError:
-        return None
 
 
 def _runs(label: str, base: CaptureRequest, out: Path, repeats: int, forced_from: Path | None,
@@ -153,12 +75,19 @@ def _runs(label: str, base: CaptureRequest, out: Path, repeats: int, forced_from
     """Every run of one backend. The comparable free run is named `portable` whichever sampler
     made it (its meta.json says which: portable, or candle)."""
     spec = label.split("#")[0]
-    runs = [(f"native-{i}", replace(base, backend=spec, sampler="native", run_index=i)) for i in range(repeats)]
-    runs.append(("portable", replace(base, backend=spec, sampler=free_sampler, run_index=repeats)))
+    runs = [(native(i), replace(base, backend=spec, sampler="native", run_index=i)) for i in range(repeats)]
+    runs.append((PORTABLE, replace(base, backend=spec, sampler=free_sampler, run_index=repeats)))
     if forced_from is not None:
-        runs.append(("forced", replace(base, backend=spec, sampler=f"forced:{forced_from}", run_index=repeats + 1)))
-    d = out / "traces" / safe_name(label)
+        runs.append((FORCED, replace(base, backend=spec, sampler=f"forced:{forced_from}", run_index=repeats + 1)))
+    d = backend_dir(out, label)
     return [{"name": f"{label}/{name}", "out": str(d / name), "request": request_to_json(req)} for name, req in runs]
+
+
+def _arbiter_run(label: str, spec: str, base: CaptureRequest, out: Path, repeats: int) -> dict:
+    """The arbiter, teacher-forced on the reference's first native run (run in the reference's worker, last)."""
+    d = backend_dir(out, label)
+    req = replace(base, backend=spec, sampler=f"forced:{d / native(0)}", run_index=repeats + 2)
+    return {"name": f"{label}/{ARBITER}", "out": str(d / ARBITER), "request": request_to_json(req)}
 
 
 def collect(label: str, tier: str, outcomes: list[RunOutcome]) -> BackendRuns:
@@ -171,10 +100,32 @@ def collect(label: str, tier: str, outcomes: list[RunOutcome]) -> BackendRuns:
                              "failed_at": (tr.meta.get("failed_at") if tr else None) or (
                                  {"step": tr.steps, "stream": None} if tr else None),
                              "steps": tr.steps if tr else 0})
-    native = [traces[k] for k in sorted(traces) if k.startswith("native-") and traces[k] is not None]
+    prefix = native(0)[:-1]
+    natives = [traces[k] for k in sorted((k for k in traces if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
+               if traces[k] is not None]
     return BackendRuns(label=label, tier=tier, status="failed" if failures else "ok",
-                       error=failures[0]["error"] if failures else None, native=native,
-                       portable=traces.get("portable"), forced=traces.get("forced"), failures=failures)
+                       error=failures[0]["error"] if failures else None, native=natives,
+                       portable=traces.get(PORTABLE), forced=traces.get(FORCED), failures=failures)
+
+
+def resolve_arbiter(choice: str | None, model: ModelRef) -> tuple[str | None, str | None]:
+    """(arbiter spec or None, why none). `auto` is cpu:fp64 when an fp64 copy of the model fits in memory."""
+    if choice is None or choice.strip().lower() == ARBITER_NONE:
+        return None, "turned off (--arbiter none)"
+    if choice.strip().lower() != ARBITER_AUTO:
+        return str(parse_spec(choice)), None
+    if model.layout == "mlx":
+        return None, (f"an MLX-native checkpoint cannot be loaded by the PyTorch arbiter {DEFAULT_ARBITER}; "
+                      "pass --arbiter with an MLX spec to use one")
+    need = 4 * model.weights.stat().st_size  # an fp64 copy of bf16 weights at worst
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    if memory is not None and need > memory // 2:
+        return None, (f"the model's fp64 copy (~{need / 1e9:.1f} GB) does not fit in half of this machine's "
+                      f"{memory / 1e9:.0f} GB; pass --arbiter {DEFAULT_ARBITER} to run it anyway")
+    return DEFAULT_ARBITER, None
 
 
 def start_run(req: CompareRequest, base: CaptureRequest, out: Path) -> tuple[ModelRef, Prompt, CaptureRequest]:
@@ -186,12 +137,12 @@ def start_run(req: CompareRequest, base: CaptureRequest, out: Path) -> tuple[Mod
     prompt = load_prompt(req.prompt, model, req.steps)
     out.mkdir(parents=True, exist_ok=True)
     clear_previous_run(out)
-    np.save(out / "prompt_codes.npy", prompt.codes)
-    return model, prompt, replace(base, prompt=str(out / "prompt_codes.npy"))
+    np.save(out / PROMPT_CODES, prompt.codes)
+    return model, prompt, replace(base, prompt=str(out / PROMPT_CODES))
 
 
 def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None = None,
-                min_backends: int = 1) -> dict:
+                min_backends: int = 1) -> CompareReport:
     """Run every backend through the protocol and write `report.json` (and audio) to `out`.
 
     With one backend only its repeatability is measured (what a one-backend baseline needs)."""
@@ -223,20 +174,24 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
             proc.wait()
 
 
-def _run_backends(req: CompareRequest, out: Path, model, prompt, base: CaptureRequest, specs, labels: list[str],
-                  prepared: dict, on_event: EventFn | None, started: float) -> dict:
+def _run_backends(req: CompareRequest, out: Path, model: ModelRef, prompt, base: CaptureRequest, specs,
+                  labels: list[str], prepared: dict, on_event: EventFn | None, started: float) -> CompareReport:
     """Every backend in its worker, in order (the next one's worker prepared meanwhile), then the report."""
     free_sampler = free_run_sampler(req)
+    arbiter_spec, arbiter_off = resolve_arbiter(req.arbiter, model) if len(specs) > 1 else (None, "one backend")
     reasons = [create_backend(spec).unavailable_reason() for spec in specs]
     runnable = [label for label, reason in zip(labels, reasons) if not reason]
     backends: list[dict] = []
     runs: dict[str, BackendRuns] = {}
-    job_dir = out / "jobs"
+    job_dir = out / JOBS
     job_dir.mkdir(exist_ok=True)
     audio = AudioDecoder(model, out, req.codec) if req.decode_audio else None
     events = audio.watch(on_event) if audio else on_event
     workers_s = 0.0
     forced_from = None  # the reference's first native run, once it completed
+    arbiter = {"spec": arbiter_spec, "status": "off" if arbiter_spec is None else "not run", "error": arbiter_off,
+               "trace": None}
+    arbiter_trace = None
     for label, spec, reason in zip(labels, specs, reasons):
         entry = {"name": label, "spec": str(spec), "status": "ok", "error": None, "env": None}
         backends.append(entry)
@@ -249,42 +204,58 @@ def _run_backends(req: CompareRequest, out: Path, model, prompt, base: CaptureRe
         later = runnable[runnable.index(label) + 1:]
         if later and later[0] not in prepared:
             prepared[later[0]] = prepare_worker(str(specs[labels.index(later[0])]))
-        job = {"plugins": [str(p) for p in req.plugins],
-               "runs": _runs(label, base, out, req.repeats, forced_from, free_sampler)}
+        job_runs = _runs(label, base, out, req.repeats, forced_from, free_sampler)
+        if label == labels[0] and arbiter_spec is not None:
+            why = create_backend(arbiter_spec).unavailable_reason()
+            if why:
+                arbiter.update(status="unavailable", error=why)
+            else:
+                job_runs.append(_arbiter_run(label, arbiter_spec, base, out, req.repeats))
         began = time.perf_counter()
-        outcomes = run_worker(job, job_dir / f"{safe_name(label)}.json", req.timeout, events,
+        outcomes = run_worker({"plugins": [str(p) for p in req.plugins], "runs": job_runs},
+                              job_dir / f"{safe_name(label)}.json", req.timeout, events,
                               prepared=prepared.pop(label, None))
         workers_s += time.perf_counter() - began
-        runs[label] = collect(label, spec.tier, outcomes)
+        judged = [o for o in outcomes if not o.name.endswith("/" + ARBITER)]
+        runs[label] = collect(label, spec.tier, judged)
         if label == labels[0] and runs[label].status == "ok":
             forced_from = runs[label].native[0].path
+            done = next((o for o in outcomes if o.name.endswith("/" + ARBITER)), None)
+            if done is not None:
+                arbiter_trace = load_partial(Path(done.out)) if done.status == "ok" else None
+                arbiter.update(status="ok" if arbiter_trace is not None else "failed",
+                               error=None if done.status == "ok" else done.error,
+                               trace=str(Path(done.out).relative_to(out)))
         if runs[label].status != "ok":
             entry.update(status="failed", error=runs[label].error)
         trace = (runs[label].native or [None])[0]
         entry["env"] = trace.meta.get("env") if trace is not None else None
-    report = build_report(req, model, prompt, labels, backends, runs, out)
-    report["words"] = run_words({label: named_runs(r) for label, r in runs.items()}, labels[0])
+    report = build_report(req, model, prompt, labels, backends, runs, arbiter, arbiter_trace)
+    codec = None
     if audio is not None:
-        report["audio"] = audio.results(runs)
-        report["codec"] = {"spec": req.codec, "used_for": "decoding each backend's audio tokens to audio/*.wav",
-                           **describe_codec(model.codec or tiny_codec())}
-    report["timing"] = timing(runs, time.perf_counter() - started, workers_s)
-    write_json_atomic(out / "report.json", report)
+        codec = {"spec": req.codec, "used_for": "decoding each backend's audio tokens to audio/*.wav",
+                 **describe_codec(model.codec or tiny_codec())}
+    report = replace(report, audio=audio.results(runs) if audio is not None else None, codec=codec,
+                     words=run_words({label: named_runs(r) for label, r in runs.items()}, labels[0]),
+                     timing=timing(runs, time.perf_counter() - started, arbiter_trace, workers_s))
+    write_json_atomic(out / REPORT_JSON, report.to_dict())
     return report
 
 
 def named_runs(runs: BackendRuns) -> dict[str, Trace | None]:
     """A backend's traces by run name (`native-0`, ..., `portable`, `forced`)."""
-    return {**{f"native-{i}": t for i, t in enumerate(runs.native)}, "portable": runs.portable, "forced": runs.forced}
+    return {**{native(i): t for i, t in enumerate(runs.native)}, PORTABLE: runs.portable, FORCED: runs.forced}
 
 
-def timing(runs: dict[str, BackendRuns], wall: float, workers_s: float | None = None) -> dict:
+def timing(runs: dict[str, BackendRuns], wall: float, arbiter: Trace | None = None,
+           workers_s: float | None = None) -> dict:
     """Where the time went: model loads and model steps (from the traces) against the whole command.
 
     A trace records the seconds its run spent loading the model (0 when it reused the one its
     worker had loaded) and `model_reused`; traces from before load-once lack it, and each loaded.
     `workers_s` is how long the worker processes ran (their start-up, imports and exit included)."""
     traces = [t for r in runs.values() for t in [*r.native, r.portable, r.forced] if t is not None]
+    traces += [arbiter] if arbiter is not None else []
     model = sum(t.meta.get("elapsed_s") or 0.0 for t in traces)
     load = sum(t.meta.get("load_s") or 0.0 for t in traces)
     loads = sum(not t.meta.get("model_reused", False) for t in traces)
@@ -295,47 +266,52 @@ def timing(runs: dict[str, BackendRuns], wall: float, workers_s: float | None = 
     return out
 
 
-def build_report(req: CompareRequest, model, prompt, labels: list[str], backends: list[dict],
-                 runs: dict[str, BackendRuns], out: Path) -> dict:
+def build_report(req: CompareRequest, model: ModelRef, prompt, labels: list[str], backends: list[dict],
+                 runs: dict[str, BackendRuns], arbiter: dict, arbiter_trace: Trace | None) -> CompareReport:
     ref = runs[labels[0]]
     window = max(int(d) for d in model.config["delays"]) + 2
     verdicts, drift, not_diagnosed = [], [], []
+    distances: dict[str, dict] = {}
+    if ref.status == "ok" and arbiter_trace is not None:
+        distances[ref.label] = arbiter_distance(arbiter_trace, ref.native[0])
+        for label in labels[1:]:
+            forced = runs[label].forced
+            if runs[label].status == "ok" and forced is not None:
+                distances[label] = arbiter_distance(arbiter_trace, forced)
+        arbiter = dict(arbiter, backends=[{"backend": k, **v} for k, v in distances.items()])
     if ref.status != "ok":  # nothing to compare against: say so, and blame no one else
         v, _ = diagnose(ref, ref, tolerance(ref.tier, ref.tier), window)
-        v["explanation"] = explain(v)
         verdicts.append(v)
         not_diagnosed = [{"backend": label, "reason": f"the reference {ref.label} is {ref.status}: {ref.error}"}
                          for label in labels[1:]]
+    comparisons = []
     for label in labels[1:] if ref.status == "ok" else []:
         other = runs[label]
-        tol = tolerance(ref.tier, other.tier)
-        v, records = diagnose(ref, other, tol, window)
-        v["explanation"] = explain(v)
+        versus = None
+        if label in distances:
+            versus = arbiter_comparison(arbiter["spec"], ref.label, distances[ref.label], label, distances[label])
+            comparisons.append(versus)
+        v, records = diagnose(ref, other, tolerance(ref.tier, other.tier), window, versus)
         verdicts.append(v)
         drift.extend(records)
+    if comparisons:
+        arbiter = dict(arbiter, ratios=comparisons)
     repeat = [repeatability(r.label, r.native) for r in runs.values() if r.native]
-    return {
-        "schema": SCHEMA,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in ["xbackend", *sys.argv[1:]]) if sys.argv else None,
-        "request": {"backends": list(req.backends), "model": model.name, "model_config": req.model_config,
-                    "model_digest": model.digest,
-                    "prompt": prompt.describe(), "seed": req.seed, "steps": req.steps, "repeats": req.repeats,
-                    "timeout": req.timeout, "alignment": req.alignment, "sampler": req.sampler or "portable",
-                    "settings": req.settings.__dict__, "plugins": list(req.plugins)},
-        "reference": labels[0],
-        "reference_repeatability": next((r for r in repeat if r["backend"] == labels[0]), None),
-        "backends": backends,
-        "verdicts": verdicts,
-        "not_diagnosed": not_diagnosed,
-        "repeatability": repeat,
-        "drift": drift,
-        "failures": [f for r in runs.values() for f in r.failures],
-        "traces": {label: str(Path("traces") / safe_name(label)) for label in labels},
-    }
+    request = {"backends": list(req.backends), "model": model.name, "model_config": req.model_config,
+               "model_digest": model.digest, "prompt": prompt.describe(), "seed": req.seed, "steps": req.steps,
+               "repeats": req.repeats, "timeout": req.timeout, "alignment": req.alignment,
+               "sampler": req.sampler or "portable",
+               "settings": req.settings.to_dict(), "plugins": list(req.plugins), "arbiter": req.arbiter}
+    return CompareReport(
+        request=request, reference=labels[0], backends=tuple(backends), verdicts=tuple(verdicts),
+        repeatability=tuple(repeat), drift=tuple(drift), not_diagnosed=tuple(not_diagnosed),
+        failures=tuple(f for r in runs.values() for f in r.failures),
+        traces={label: str(Path(TRACES) / safe_name(label)) for label in labels}, arbiter=arbiter,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join(shlex.quote(a) for a in ["xbackend", *sys.argv[1:]]) if sys.argv else None)
 
 
-def check_decoder(spec: str, model) -> None:
+def check_decoder(spec: str, model: ModelRef) -> None:
     """Refuse, before any backend runs, a decoding codec that is unknown, missing or cannot load the model's Mimi."""
     from .codecs import create_codec, require_codec
     from .codecs.base import check_codebooks
@@ -349,7 +325,7 @@ class AudioDecoder:
     """Each backend's first native run decoded to WAV by a codec (spec), in a thread of its own
     as soon as that run is written, so decoding overlaps the runs that follow instead of the end."""
 
-    def __init__(self, model, out: Path, codec: str):
+    def __init__(self, model: ModelRef, out: Path, codec: str):
         from concurrent.futures import ThreadPoolExecutor
 
         self.model, self.out, self.codec = model, out, codec
@@ -360,20 +336,21 @@ class AudioDecoder:
         """An event handler that starts a decode when a `native-0` run is done, then passes the event on."""
         def handler(event: dict) -> None:
             name = str(event.get("name", ""))
-            if event.get("event") == "done" and name.endswith("/native-0"):
+            if event.get("event") == "done" and name.endswith("/" + native(0)):
                 label = name.rsplit("/", 1)[0]
-                self.jobs[label] = self.pool.submit(self.decode, label, self.out / "traces" / safe_name(label) / "native-0")
+                self.jobs[label] = self.pool.submit(self.decode, label, backend_dir(self.out, label) / native(0))
             if on_event:
                 on_event(event)
         return handler
 
     def decode(self, label: str, path: Path) -> str | None:
         from .audio import tokens_to_wav
+        from .rundir import AUDIO
 
         trace = load_partial(path)
         if trace is None or trace.steps <= max(self.model.delays) or not self.model.dep_q:
             return None
-        wav = self.out / "audio" / f"{safe_name(label)}.wav"
+        wav = self.out / AUDIO / f"{safe_name(label)}.wav"
         try:
             tokens_to_wav(self.model, trace, wav, self.codec)
         except XBackendError as exc:
@@ -392,20 +369,39 @@ class AudioDecoder:
         return written
 
 
-def exit_code(report: dict) -> int:
-    """3 a backend failed or is unavailable, 1 a divergence or drift beyond tolerance, else 0 (docs/design.md, Exit codes)."""
-    if any(b["status"] != "ok" for b in report["backends"]):
-        return 3
-    ref = report.get("reference_repeatability")
-    if ref and not (ref["logits_identical"] and ref["tokens_identical"]):
-        return 1  # a nondeterministic reference is a finding, as it is for any other backend
-    for v in report["verdicts"]:
-        if v["verdict"] not in ("IDENTICAL", "NUMERIC_DRIFT") or not v["figures"].get("within_tolerance", True):
-            return 1
-    return 0
+@dataclass(frozen=True)
+class RepeatResult:
+    """`repeat`: one backend's bitwise repeatability over N runs, and runs that failed."""
+
+    repeatability: Repeatability
+    failures: tuple[dict, ...]
+    identical_logits_runs: int
+    identical_token_runs: int
+    run_digests: tuple[str, ...]
+    words: tuple[dict, ...] = ()  # per run: its words and the digest of its decoded audio
+
+    @property
+    def identical_text_runs(self) -> int:
+        return sum(w["text"] == self.words[0]["text"] for w in self.words)
+
+    @property
+    def identical_audio_runs(self) -> int:
+        first = self.words[0]["audio_digest"] if self.words else None
+        return sum(w["audio_digest"] is not None and w["audio_digest"] == first for w in self.words)
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(backend_failed=bool(self.failures), attention=self.repeatability.repeatable is not True)
+
+    def to_dict(self) -> dict:
+        return {**self.repeatability.to_dict(), "schema": "xbackend.repeat/1", "failures": list(self.failures),
+                "identical_logits_runs": self.identical_logits_runs, "identical_token_runs": self.identical_token_runs,
+                "run_digests": list(self.run_digests), "words": list(self.words),
+                "identical_text_runs": self.identical_text_runs, "identical_audio_runs": self.identical_audio_runs,
+                "exit_code": self.exit_code}
 
 
-def run_repeat(req: CompareRequest, out: str | Path, on_event: EventFn | None = None) -> dict:
+def run_repeat(req: CompareRequest, out: str | Path, on_event: EventFn | None = None) -> RepeatResult:
     """Run one backend `req.repeats` times, same seed and inputs: is it bitwise repeatable?"""
     out = Path(out)
     specs = parse_specs(",".join(req.backends))
@@ -427,35 +423,33 @@ def run_repeat(req: CompareRequest, out: str | Path, on_event: EventFn | None = 
     require_available(create_backend(spec))
     model, prompt, base = start_run(req, base, out)
     label = str(spec)
-    runs = [{"name": f"{label}/run-{i}", "out": str(out / "traces" / f"run-{i}"),
+    runs = [{"name": f"{label}/run-{i}", "out": str(out / TRACES / f"run-{i}"),
              "request": request_to_json(replace(base, run_index=i))} for i in range(req.repeats)]
-    (out / "jobs").mkdir(exist_ok=True)
+    (out / JOBS).mkdir(exist_ok=True)
     outcomes = run_worker({"plugins": [str(p) for p in req.plugins], "runs": runs},
-                          out / "jobs" / "repeat.json", req.timeout, on_event)
+                          out / JOBS / "repeat.json", req.timeout, on_event)
     traces = [t for t in (load_partial(Path(o.out)) for o in outcomes) if t is not None]
     if not traces:
         raise BackendFailed(f"Backend {label} wrote no trace in {req.repeats} runs ({outcomes[0].error})")
-    result = repeatability(label, traces)
-    result["failures"] = [{"run": o.name, "status": o.status, "error": o.error} for o in outcomes if o.status != "ok"]
-    result["identical_logits_runs"] = sum(t.digests == traces[0].digests for t in traces)
-    result["identical_token_runs"] = sum(np.array_equal(t.tokens, traces[0].tokens) for t in traces)
-    result["run_digests"] = [_run_digest(t) for t in traces]
-    result["words"] = repeat_words(model, traces, out, req.decode_audio)
-    result["identical_text_runs"] = sum(w["text"] == result["words"][0]["text"] for w in result["words"])
-    digests = [w["audio_digest"] for w in result["words"]]
-    result["identical_audio_runs"] = sum(d is not None and d == digests[0] for d in digests)
-    result["schema"] = "xbackend.repeat/1"
-    write_json_atomic(out / "repeat.json", result)
+    result = RepeatResult(repeatability(label, traces),
+                          tuple({"run": o.name, "status": o.status, "error": o.error} for o in outcomes
+                                if o.status != "ok"),
+                          sum(t.digests == traces[0].digests for t in traces),
+                          sum(bool(np.array_equal(t.tokens, traces[0].tokens)) for t in traces),
+                          tuple(_run_digest(t) for t in traces),
+                          tuple(repeat_words(model, traces, out, req.decode_audio)))
+    write_json_atomic(out / "repeat.json", result.to_dict())
     return result
 
 
-def repeat_words(model, traces: list[Trace], out: Path, decode: bool = True) -> list[dict]:
+def repeat_words(model: ModelRef, traces: list[Trace], out: Path, decode: bool = True) -> list[dict]:
     """Per run: its words and a digest of its decoded audio (written to audio/run-N.wav): how many of
     N runs say the same thing, and sound the same."""
     import soundfile as sf
 
     from .audio import decode_trace
     from .prompt import SAMPLE_RATE
+    from .rundir import AUDIO
     from .words import audio_digest
 
     rows = []
@@ -467,7 +461,7 @@ def repeat_words(model, traces: list[Trace], out: Path, decode: bool = True) -> 
             except XBackendError as exc:
                 row["audio"] = f"not decoded: {exc}"
             else:
-                path = out / "audio" / f"run-{i}.wav"
+                path = out / AUDIO / f"run-{i}.wav"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 sf.write(str(path), samples, SAMPLE_RATE, subtype="PCM_16")
                 row.update(audio_digest=audio_digest(samples), audio=str(path.relative_to(out)))

@@ -25,25 +25,7 @@ otherwise within one float32 rounding of Δ; identical logits give exactly 0 eve
 
 A logit that is NaN or ±inf in either trace makes that step's `max_abs` non-finite.
 
-## Tolerances (docs/design.md, Tolerances)
-
-The tolerance of a tier bounds the per-step `max_abs` of a healthy run against an fp32 reference
-of the same weights; comparing two tiers uses the looser of the two (`tolerance(a, b)`).
-
-| tier | max abs Δlogit | why |
-| --- | --- | --- |
-| fp64 | 1e-5 | computed in float64, but upstream casts logits to float32 before sampling, which is what traces keep: one float32 ulp at abs(logit) ~ 20 is 2e-6 |
-| fp32 | 1e-3 | measured ~1e-6 (tiny model); 7B depth and width grow it, see below |
-| fp16 | 0.25 | unit roundoff 4.9e-4 (2^13 x fp32's); logits near 20 sit 0.016 apart, and the rounding of every activation adds up over the layers |
-| bf16 | 1.0 | unit roundoff 3.9e-3 (8 x fp16's); logits in [16, 32) sit 0.125 apart; measured on the tiny model: MLX bf16 vs fp32 up to 0.72, PyTorch CPU bf16 up to ~0.6 |
-| q8 | 2.0 | int8 weights: a different (quantized) model; measured on the tiny model (only its depformer quantizes) 0.26 against fp32, and a 7B model quantized throughout shifts more |
-| q4 | 8.0 | 4-bit group-quantized weights move logits by whole units (measured on the tiny model, MLX q4 vs fp32: p99 4.1, max 5.2): gross errors only |
-
-fp32: same weights on the tiny model measured CPU vs MLX ~2e-6 and CPU vs CUDA ~1e-6 here.
-A 7B Moshi has 32 layers of width 4096 and logits of ±20, whose fp32 spacing alone is 2e-6,
-so its healthy cross-backend drift is expected 10-100x larger; 1e-3 keeps such runs inside
-while verdict rule 2 (100 x tolerance = 0.1 logit within the first steps) still catches the ~1 logit
-of wrong weights, config or alignment.
+Tolerances live in `tolerances.py`.
 
 ## Drift explains a divergence when
 
@@ -76,17 +58,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import XBackendError
-from .samplers import SamplingSettings
+from .samplers import SamplingSettings, effective_top_k
 from .trace import Trace
-
-TOLERANCES: dict[str, float] = {
-    "fp64": 1e-5,
-    "fp32": 1e-3,
-    "fp16": 0.25,
-    "bf16": 1.0,
-    "q8": 2.0,
-    "q4": 8.0,
-}
 
 METRICS = ("max_abs", "rms", "kl", "dp_ref", "top1", "topk_overlap", "margin_a", "margin_b")
 PERCENTILES = {"median": 50.0, "p90": 90.0, "p99": 99.0, "p999": 99.9}
@@ -94,26 +67,6 @@ PERCENTILES = {"median": 50.0, "p90": 90.0, "p99": 99.0, "p999": 99.9}
 BLOCK_STEPS = 256
 _CHUNK_ELEMENTS = 1 << 18  # logits per numpy call: 1 MB per float32 temporary, cache-sized
 _INLINE_ELEMENTS = 1 << 22  # below this many logits per trace a thread pool costs more than it saves
-
-
-# --------------------------------------------------------------------------- tolerances
-
-
-def tier_of(trace: Trace | dict) -> str:
-    """A trace's tolerance tier: its quantization if any, else its dtype (fp32 when unrecorded)."""
-    meta = trace.meta if isinstance(trace, Trace) else trace
-    spec = meta.get("spec") or {}
-    return str(spec.get("quant") or spec.get("dtype") or "fp32")
-
-
-def tolerance(tier_a: str, tier_b: str = "fp32", overrides: dict[str, float] | None = None) -> float:
-    """The max |Δlogit| allowed between two tiers: the looser of the two."""
-    table = {**TOLERANCES, **(overrides or {})}
-    for tier in (tier_a, tier_b):
-        if tier not in table:
-            raise XBackendError(f"No tolerance for tier {tier!r}", asked=f"known tiers are {', '.join(table)}",
-                                fix="pass the tier's tolerance as an override")
-    return max(table[tier_a], table[tier_b])
 
 
 # --------------------------------------------------------------------------- per-step metrics
@@ -151,13 +104,6 @@ class StepMetrics:
         """The metrics of the first `steps` steps only."""
         cut = {f.name: getattr(self, f.name)[:steps] for f in fields(self) if f.name in METRICS}
         return StepMetrics(self.streams, self.temperatures, self.top_k, **cut)
-
-
-def sampling_settings(trace: Trace) -> SamplingSettings:
-    """The sampling settings a trace recorded (unknown keys ignored, missing ones at their defaults)."""
-    raw = trace.meta.get("settings") or {}
-    known = {f.name for f in fields(SamplingSettings)}
-    return SamplingSettings(**{k: v for k, v in raw.items() if k in known})
 
 
 def _check_shapes(a: Trace, b: Trace) -> None:
@@ -199,11 +145,11 @@ def _group_size(vocab: int, k: int) -> int:
 
 
 def _plan(trace: Trace) -> list[_StreamPlan]:
-    settings = sampling_settings(trace)
+    settings = SamplingSettings.from_meta(trace.meta)
     plans = []
     for i, v in enumerate(trace.meta["vocab"]):
         temp, top_k = settings.for_stream(i)
-        k = int(v) if top_k <= 0 else min(int(top_k), int(v))
+        k = effective_top_k(top_k, int(v))
         plans.append(_StreamPlan(int(v), 1.0 / temp if temp > 0 else 1.0, k, _group_size(int(v), k)))
     return plans
 
@@ -430,7 +376,7 @@ def step_metrics(a: Trace, b: Trace, *, steps: int | None = None, block: int = B
     n = min(a.steps, b.steps) if steps is None else max(0, min(int(steps), a.steps, b.steps))
     streams = a.streams
     n_streams = len(streams)
-    settings = sampling_settings(a)
+    settings = SamplingSettings.from_meta(a.meta)
     plan = _plan(a)
     out = {name: np.zeros((n, n_streams), dtype=bool if name == "top1" else np.float64) for name in _OUT}
     tokens = np.asarray(a.tokens[:n], dtype=np.int64)

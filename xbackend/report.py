@@ -20,11 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .compare import load_partial, safe_name
-from .errors import XBackendError
+from .markdown import details, md_table
+from .results import Point, Verdict, where
+from .rundir import FORCED, NATIVE_0, PORTABLE, PROMPT_CODES, REPORT_JSON, RunDir, load_run, native, safe_name
+from .samplers import SamplingSettings
 from .trace import Trace, TraceWriter
 
-REPORT_JSON = "report.json"
+__all__ = ["RunDir", "load_run", "write_report", "softmax", "BUNDLE_LIMIT", "TOP", "WINDOW"]
+
 REPORT_MD = "report.md"
 BUNDLE = "bundle.tar.gz"
 PLOTS = "plots"
@@ -35,64 +38,35 @@ TOP = 5
 LOG_FLOOR = 1e-15  # zeros (bitwise-equal steps) are drawn here on the log-scale plots
 _MD_RESERVE = 512_000  # bytes kept for report.md and tar/gzip framing when planning the bundle
 
-# Which run of each backend shows a verdict's divergence, and why.
+# Which run of each backend shows a kind of divergence, and why.
 EVIDENCE = {
-    "NUMERIC_DIVERGENCE": ("portable", "portable-sampler free runs: decisions depend only on the logits"),
-    "SAMPLER_DIVERGENCE": ("native-0", "native-sampler free runs: each backend's own sampler and RNG"),
-    "NONDETERMINISTIC_KERNELS": ("native-0", "native runs; the backend's second run (native-1) is shown too"),
-    "NONDETERMINISTIC_SAMPLER": ("native-0", "native runs; the backend's second run (native-1) is shown too"),
-    "SEMANTIC_MISMATCH": ("forced", "teacher-forced runs on the reference's tokens (the reference's own native-0)"),
-    "BACKEND_FAILED": ("native-0", "native runs, as far as they got"),
+    PORTABLE: "portable-sampler free runs: decisions depend only on the logits",
+    NATIVE_0: "native-sampler free runs: each backend's own sampler and RNG",
+    FORCED: "teacher-forced runs on the reference's tokens (the reference's own native-0)",
 }
 
 
-# --------------------------------------------------------------------------- run directory
+def evidence_kind(v: Verdict) -> str:
+    """The run whose traces show this verdict's divergence."""
+    if v.verdict == "NUMERIC_DIVERGENCE":
+        return {"native": NATIVE_0, "spike": FORCED}.get(v.figures.get("numeric_cause"), PORTABLE)
+    return FORCED if v.verdict == "SEMANTIC_MISMATCH" else NATIVE_0
 
 
-@dataclass(frozen=True)
-class RunDir:
-    """A run directory written by `compare` and its parsed `report.json`."""
-
-    path: Path
-    report: dict
-
-    @property
-    def labels(self) -> list[str]:
-        return [b["name"] for b in self.report["backends"]]
-
-    @property
-    def reference(self) -> str:
-        return self.report["reference"]
-
-    def trace_dir(self, label: str, run: str) -> Path:
-        rel = (self.report.get("traces") or {}).get(label, str(Path("traces") / safe_name(label)))
-        return self.path / rel / run
-
-    def trace(self, label: str, run: str) -> Trace | None:
-        """A trace as far as it got, or None when that run wrote nothing."""
-        return load_partial(self.trace_dir(label, run))
-
-
-def load_run(path: str | Path) -> RunDir:
-    """Read a run directory; one without `report.json` is not a run directory yet."""
-    path = Path(path)
-    file = path / REPORT_JSON
-    if not file.is_file():
-        raise XBackendError(f"No {REPORT_JSON} in {path}", asked=f"`report` reads {file}, written by `compare`",
-                            fix=f"run xbackend compare first, e.g. `xbackend compare --backends cpu,mlx:cpu --out {path}`")
-    try:
-        report = json.loads(file.read_text())
-    except ValueError as exc:
-        raise XBackendError(f"{file} is not valid JSON ({exc})", fix="run xbackend compare again") from None
-    if report.get("schema") != "xbackend.report/1":
-        raise XBackendError(f"{file} has schema {report.get('schema')!r}, expected 'xbackend.report/1'",
-                            fix="run xbackend compare again with this version of xbackend")
-    return RunDir(path, report)
+def quoted_points(v: Verdict) -> list[tuple[Point, str]]:
+    """Every (step, stream) the report quotes for a verdict, with the run that shows it."""
+    f = v.figures
+    out = [(v.first_divergence, evidence_kind(v))] if v.first_divergence else []
+    for key, kind in (("portable_divergence", PORTABLE), ("native_divergence", NATIVE_0), ("onset", FORCED)):
+        if f.get(key):
+            out.append((Point.from_dict(f[key]), kind))
+    out += [(Point(s["step"], s["stream"]), FORCED) for s in f.get("spikes") or []]
+    return [(p, k) for p, k in out if p.stream is not None or k == NATIVE_0]
 
 
 def temperature(trace: Trace, stream: str) -> float:
     """The stream's sampling temperature from the trace's settings; greedy (0) counts as 1."""
-    temp = metrics.sampling_settings(trace).for_stream(trace.streams.index(stream))[0]
+    temp = SamplingSettings.from_meta(trace.meta).for_stream(trace.streams.index(stream))[0]
     return float(temp) if temp > 0 else 1.0
 
 
@@ -152,45 +126,47 @@ def step_view(trace: Trace | None, backend: str, run: str, step: int, stream: st
 
 @dataclass(frozen=True)
 class Divergence:
-    """One verdict's first divergence and every backend's view of it."""
+    """One quoted divergence (step, stream, run) and every backend's view of it; `verdicts` lists the
+    (backend, verdict) pairs that quote it, so identical tables are rendered once."""
 
-    backend: str
-    verdict: str
+    verdicts: tuple[tuple[str, str], ...]
     step: int
     stream: str
     run: str
     why: str
     views: tuple[StepView, ...]
 
+    @property
+    def title(self) -> str:
+        return ", ".join(f"{b}: {v}" for b, v in self.verdicts) + f" at {where(Point(self.step, self.stream))}"
 
-def evidence_runs(run: RunDir, verdict: dict) -> list[tuple[str, str]]:
-    """(backend, run) pairs whose traces show this verdict's divergence, reference first."""
-    kind = EVIDENCE.get(verdict["verdict"], ("native-0", ""))[0]
+
+def evidence_runs(run: RunDir, v: Verdict, kind: str) -> list[tuple[str, str]]:
+    """(backend, run) pairs whose traces show a divergence of run `kind`, reference first."""
     pairs = []
     for label in run.labels:
-        if kind == "forced" and label == run.reference:
-            pairs.append((label, "native-0"))  # the tokens every forced run was fed
-        else:
-            pairs.append((label, kind))
-        if verdict["verdict"].startswith("NONDETERMINISTIC") and label == verdict["backend"]:
-            pairs.append((label, "native-1"))
+        pairs.append((label, NATIVE_0) if kind == FORCED and label == run.reference else (label, kind))
+        if v.verdict.startswith("NONDETERMINISTIC") and label == v.backend:
+            pairs.append((label, native(1)))
     return pairs
 
 
 def divergences(run: RunDir) -> list[Divergence]:
-    out = []
-    for v in run.report.get("verdicts", []):
-        at = v.get("first_divergence")
-        if not at:
+    """Each verdict's first divergence, merged when several verdicts quote the same step, stream and runs."""
+    groups: dict[tuple, list[tuple[str, str]]] = {}
+    for v in run.report.verdicts:
+        if v.first_divergence is None or v.first_divergence.stream is None:
             continue
-        step, stream = int(at["step"]), at["stream"]
-        pairs = evidence_runs(run, v)
+        kind = evidence_kind(v)
+        key = (v.first_divergence.step, v.first_divergence.stream, kind, tuple(evidence_runs(run, v, kind)))
+        groups.setdefault(key, []).append((v.backend, v.verdict))
+    out = []
+    for (step, stream, kind, pairs), quoted in groups.items():
         traces = {pair: run.trace(*pair) for pair in pairs}
         ref = traces[pairs[0]]
         ref_token = int(ref.tokens[step, ref.streams.index(stream)]) if ref is not None and step < ref.steps else None
         views = tuple(step_view(traces[(b, r)], b, r, step, stream, ref_token) for b, r in pairs)
-        kind, why = EVIDENCE.get(v["verdict"], ("native-0", "native runs"))
-        out.append(Divergence(v["backend"], v["verdict"], step, stream, kind, why, views))
+        out.append(Divergence(tuple(quoted), step, stream, kind, EVIDENCE[kind], views))
     return out
 
 
@@ -199,52 +175,63 @@ def divergences(run: RunDir) -> list[Divergence]:
 
 def forced_drift(run: RunDir, label: str) -> metrics.StepMetrics | None:
     """Teacher-forced drift of one backend against the reference (None when a run is missing)."""
-    ref, other = run.trace(run.reference, "native-0"), run.trace(label, "forced")
+    ref, other = run.trace(run.reference, NATIVE_0), run.trace(label, FORCED)
     if ref is None or other is None or min(ref.steps, other.steps) == 0:
         return None
     return metrics.step_metrics(ref, other)
 
 
-def divergence_marks(verdict: dict | None) -> list[tuple[int, str]]:
+def divergence_marks(v: Verdict | None) -> list[tuple[int, str]]:
     """Steps worth a vertical line on a backend's plot: its verdict's divergence, portable and native ones."""
-    if not verdict:
+    if v is None:
         return []
     marks = {}
-    f = verdict.get("figures") or {}
-    for key, name in (("native_divergence", "native"), ("portable_divergence", "portable")):
-        if f.get(key):
-            marks.setdefault(int(f[key]["step"]), f"{name} divergence")
-    if verdict.get("first_divergence"):
-        marks[int(verdict["first_divergence"]["step"])] = f"{verdict['verdict']}"
+    for key, name in (("native_divergence", "native"), ("portable_divergence", "portable"), ("onset", "onset")):
+        if v.figures.get(key):
+            marks.setdefault(int(v.figures[key]["step"]), f"{name} divergence" if name != "onset" else "onset")
+    if v.first_divergence:
+        marks[v.first_divergence.step] = v.verdict
     return sorted(marks.items())
 
 
-def plot_drift(m: metrics.StepMetrics, path: Path, title: str, marks: list[tuple[int, str]]) -> Path:
-    """|Δlogit| (max abs) and KL per step, log scale, one line per stream, divergences as vertical lines."""
+def stream_styles(n: int) -> list[dict]:
+    """Text in thick black; audio streams in distinct tab10 colours, alternating solid and dashed."""
+    import matplotlib
+
+    tab = matplotlib.colormaps["tab10"]
+    return [{"color": "black", "linewidth": 1.8}] + [
+        {"color": tab(i % 10), "linewidth": 1.0, "linestyle": "-" if i % 2 == 0 else "--"} for i in range(n - 1)]
+
+
+def plot_drift(m: metrics.StepMetrics, path: Path, title: str, marks: list[tuple[int, str]],
+               tolerance: float | None = None) -> Path:
+    """|Δlogit| (max abs) and KL per step, log scale, one line per stream, the tolerance as a horizontal
+    line, divergences as vertical lines; the legend sits outside the data, on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = np.arange(m.steps)
-    fig, axes = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, constrained_layout=True)
-    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(m.streams) - 1, 1)))
+    fig, axes = plt.subplots(2, 1, figsize=(10.5, 6.5), sharex=True, constrained_layout=True)
+    styles = stream_styles(len(m.streams))
     for ax, name, label in ((axes[0], "max_abs", "max |Δlogit|"), (axes[1], "kl", "KL(ref ‖ backend)")):
         for i, stream in enumerate(m.streams):
             y = np.maximum(np.nan_to_num(getattr(m, name)[:, i], nan=LOG_FLOOR, posinf=1e30), LOG_FLOOR)
-            style = {"color": "black", "linewidth": 1.8} if i == 0 else {"color": colors[i - 1], "linewidth": 1.0}
-            ax.plot(steps, y, label=stream, **style)
+            ax.plot(steps, y, label=stream, **styles[i])
         ax.set_yscale("log")
         ax.set_ylabel(f"{label}\n(zeros at {LOG_FLOOR:g})")
         ax.grid(True, which="major", alpha=0.3)
         for step, what in marks:
-            ax.axvline(step, color="red", linestyle="--", linewidth=1.0)
+            ax.axvline(step, color="red", linestyle=":", linewidth=1.0)
             if ax is axes[0]:
                 ax.annotate(f" {what} @ {step}", (step, 0.98), xycoords=("data", "axes fraction"), rotation=90,
                             va="top", ha="left", fontsize=7, color="red",
                             bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1})
+    if tolerance:
+        axes[0].axhline(tolerance, color="dimgray", linestyle="-.", linewidth=1.2, label=f"tolerance {tolerance:g}")
     axes[0].set_title(title, fontsize=10)
-    axes[0].legend(fontsize=7, ncol=5, loc="lower right")
+    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     axes[1].set_xlabel("step (80 ms)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
@@ -254,7 +241,6 @@ def plot_drift(m: metrics.StepMetrics, path: Path, title: str, marks: list[tuple
 
 def write_plots(run: RunDir) -> dict[str, Path]:
     """One drift plot per non-reference backend whose forced run exists: backend -> PNG path."""
-    verdicts = {v["backend"]: v for v in run.report.get("verdicts", [])}
     plots = {}
     for label in run.labels:
         if label == run.reference:
@@ -262,9 +248,10 @@ def write_plots(run: RunDir) -> dict[str, Path]:
         m = forced_drift(run, label)
         if m is None:
             continue
+        v = run.report.verdict_for(label)
         title = f"{label} teacher-forced on {run.reference}'s tokens ({m.steps} steps)"
         plots[label] = plot_drift(m, run.path / PLOTS / f"drift-{safe_name(label)}.png", title,
-                                  divergence_marks(verdicts.get(label)))
+                                  divergence_marks(v), v.figures.get("tolerance") if v else None)
     return plots
 
 
@@ -302,16 +289,21 @@ def row_bytes(trace: Trace) -> int:
             + 8 * n + 4 * int(trace.meta["n_inputs"]) + 33)
 
 
-def _wanted(run: RunDir, divs: list[Divergence], half: int) -> list[Window]:
-    """Merged windows per (backend, run) around every divergence; the first steps when none."""
+def _wanted(run: RunDir, half: int) -> list[Window]:
+    """Merged windows per (backend, run) around every point the report quotes; the first steps when none."""
     spans: dict[tuple[str, str], list[list[int]]] = {}
-    if divs:
-        for d in divs:
-            for v in d.views:
-                spans.setdefault((v.backend, v.run), []).append([d.step - half, d.step + half + 1])
-    else:
-        for label in run.labels:  # nothing diverged: the first 2 x half steps (16 at the full window)
-            spans[(label, "native-0" if label == run.reference else "forced")] = [[0, 2 * half]]
+    for v in run.report.verdicts:
+        for point, kind in quoted_points(v):
+            for pair in evidence_runs(run, v, kind):
+                spans.setdefault(pair, []).append([point.step - half, point.step + half + 1])
+    windows = _windows(run, spans)
+    if not windows:
+        head = {(label, NATIVE_0 if label == run.reference else FORCED): [[0, 2 * half]] for label in run.labels}
+        windows = _windows(run, head)
+    return windows
+
+
+def _windows(run: RunDir, spans: dict[tuple[str, str], list[list[int]]]) -> list[Window]:
     windows = []
     for (label, name), items in spans.items():
         trace = run.trace(label, name)
@@ -330,7 +322,7 @@ def _wanted(run: RunDir, divs: list[Divergence], half: int) -> list[Window]:
     return windows
 
 
-def plan_bundle(run: RunDir, divs: list[Divergence], budget: int) -> BundlePlan:
+def plan_bundle(run: RunDir, budget: int) -> BundlePlan:
     """The widest windows (at most `WINDOW` steps either side) whose traces fit in `budget` bytes.
 
     Sizes are counted uncompressed, so the gzip'd bundle can only come out smaller.
@@ -346,11 +338,11 @@ def plan_bundle(run: RunDir, divs: list[Divergence], budget: int) -> BundlePlan:
         return (w.stop - w.start) * per_step + fixed
 
     for half in range(WINDOW, -1, -1):
-        windows = _wanted(run, divs, half)
+        windows = _wanted(run, half)
         if sum(cost(w) for w in windows) <= budget:
             return BundlePlan(tuple(windows), half)
     kept, omitted, used = [], [], 0
-    for w in _wanted(run, divs, 0):
+    for w in _wanted(run, 0):
         if used + cost(w) <= budget:
             kept.append(w)
             used += cost(w)
@@ -405,24 +397,6 @@ def _bundle_readme(plan: BundlePlan) -> str:
 # --------------------------------------------------------------------------- markdown
 
 
-def _cell(x) -> str:
-    return str(x).replace("|", "\\|").replace("\n", " ")
-
-
-def md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def details(summary: str, body: str) -> str:
-    return f"<details>\n<summary>{summary}</summary>\n\n{body}\n\n</details>"
-
-
-def _where(d: dict | None) -> str:
-    return f"step {d['step']}, {d['stream']}" if d else "-"
-
-
 def _num(x, fmt: str = ".3g") -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -432,25 +406,31 @@ def _prob(p: float | None) -> str:
     return "-" if p is None else f"{p:.4f}" if p >= 5e-5 or p == 0.0 else f"{p:.2e}"
 
 
-def reproduce_command(report: dict) -> str:
-    """The `xbackend compare` command line for the request recorded in report.json."""
+def reproduce_command(report) -> str:
+    """The `xbackend compare` command line for the request recorded in report.json.
+
+    A prompt other than the bundled one is given as `prompt_codes.npy` (the exact codes, in the
+    bundle), never as a path on the machine that ran it; no `--out` is forced."""
     from .prompt import DEFAULT_PROMPT
 
-    req = report["request"]
-    s = req.get("settings") or {}
+    req = report.request
+    s = SamplingSettings.from_dict(req.get("settings"))
     args = ["xbackend", "compare", "--backends", ",".join(req["backends"]), "--model", req["model"]]
+    if req.get("model_config"):
+        args += ["--model-config", req["model_config"]]
     source = (req.get("prompt") or {}).get("source")
-    if source and Path(source).resolve() != DEFAULT_PROMPT.resolve():
-        args += ["--prompt", source]
+    if source and Path(source).name != DEFAULT_PROMPT.name:
+        args += ["--prompt", PROMPT_CODES]
     args += ["--seed", str(req["seed"]), "--steps", str(req["steps"]), "--repeats", str(req["repeats"]),
              "--alignment", req["alignment"]]
     for key, flag in (("temp_text", "--temp-text"), ("top_k_text", "--top-k-text"),
                       ("temp_audio", "--temp-audio"), ("top_k_audio", "--top-k-audio")):
-        if key in s:
-            args += [flag, str(s[key])]
+        if getattr(s, key) != getattr(SamplingSettings(), key):
+            args += [flag, str(getattr(s, key))]
+    if req.get("arbiter") not in (None, "auto"):
+        args += ["--arbiter", req["arbiter"]]
     for p in req.get("plugins") or []:
         args += ["--plugin", p]
-    args += ["--out", "runs/compare"]
     return " ".join(shlex.quote(a) for a in args)
 
 
@@ -475,32 +455,30 @@ def env_table(backends: list[dict]) -> str:
     return md_table(["", *flat], [[k, *(f.get(k, "-") for f in flat.values())] for k in keys])
 
 
-def _verdict_section(report: dict) -> list[str]:
+def _verdict_section(report) -> list[str]:
     out = ["## Verdicts", ""]
-    ref = report.get("reference_repeatability")
-    if ref and not (ref.get("logits_identical") and ref.get("tokens_identical")):
-        out += [f"> **Warning:** the reference {report['reference']} is not repeatable (first difference at step "
-                f"{ref.get('first_nondeterministic_step')}): every comparison below carries its noise.", ""]
+    if report.reference_warning:
+        out += [f"> **Warning:** {report.reference_warning}.", ""]
     rows = []
-    for v in report.get("verdicts", []):
-        f = v.get("figures") or {}
-        rows.append([v["backend"], v["vs"], f"**{v['verdict']}**", _where(v.get("first_divergence")),
+    for v in report.verdicts:
+        f = v.figures
+        rows.append([v.backend, v.vs, f"**{v.verdict}**", v.label, where(v.first_divergence),
                      _num(f.get("forced_max_abs")), _num(f.get("tolerance"), "g"),
-                     f"{_where(f.get('portable_divergence'))} / {_where(f.get('native_divergence'))}",
+                     f"{where(f.get('portable_divergence'))} / {where(f.get('native_divergence'))}",
                      _num(f.get("delta_at_divergence")), _num(f.get("margin_at_divergence")),
-                     ", ".join(s["verdict"] for s in v.get("secondary", [])) or "-"])
-    out += [md_table(["backend", "vs", "verdict", "first divergence", "forced max abs Δlogit", "tolerance",
+                     "; ".join(str(s) for s in v.secondary) or "-"])
+    out += [md_table(["backend", "vs", "verdict", "", "first divergence", "forced max abs Δlogit", "tolerance",
                       "portable / native divergence", "Δlogit at divergence", "margin", "also"], rows), ""]
-    for b in report.get("backends", []):
+    for b in report.backends:
         if b["status"] != "ok":
             out += [f"- **{b['name']}: {b['status']}** - {b.get('error')}"]
-    out += [f"- **{v['backend']}** ({v['verdict']}): {v.get('explanation', '')}" for v in report.get("verdicts", [])]
+    out += [f"- **{v.backend}** ({v.verdict}, {v.label}): {v.explanation}" for v in report.verdicts]
     return out + [""]
 
 
-def _words_section(report: dict) -> list[str]:
+def _words_section(report) -> list[str]:
     """Each run's decoded text, marked where it parts from the run it is held against."""
-    words = report.get("words")
+    words = report.words
     rows = words.get("runs") if isinstance(words, dict) else None
     if not isinstance(rows, list) or not rows or not isinstance(words.get("tokenizer"), dict):
         return []
@@ -520,13 +498,25 @@ def _words_section(report: dict) -> list[str]:
             md_table(["backend", "run", "words", "against"], table), ""]
 
 
-def _reproduce_section(report: dict) -> list[str]:
-    req = report["request"]
+def _arbiter_section(report) -> list[str]:
+    a = report.arbiter or {}
+    out = ["## Numeric arbiter", ""]
+    if a.get("status") != "ok":
+        return out + [f"No arbiter: {a.get('status', 'not recorded')}" + (f" ({a['error']})" if a.get("error") else "")
+                      + ".", ""]
+    out += [f"`{a['spec']}` teacher-forced on {report.reference}'s tokens: per backend, the per-step max |Δlogit| "
+            "to it (max and median over steps). Smaller is closer to exact arithmetic.", ""]
+    rows = [[d["backend"], _num(d["max_abs"]), _num(d["median_abs"]), d["steps"]] for d in a.get("backends", [])]
+    return out + [md_table(["backend", "max", "median", "steps"], rows), ""]
+
+
+def _reproduce_section(report) -> list[str]:
+    req = report.request
     out = ["## Reproduce", "", "```sh", reproduce_command(report), "```", "",
            f"Model `{req['model']}` (digest `{req.get('model_digest')}`), prompt digest "
-           f"`{(req.get('prompt') or {}).get('digest')}` (its codes are `prompt_codes.npy`, in the bundle: "
-           "`--prompt prompt_codes.npy` feeds exactly the same codes), alignment `" + str(req["alignment"]) + "`."]
-    recorded = report.get("command") or ""
+           f"`{(req.get('prompt') or {}).get('digest')}` (its codes are `{PROMPT_CODES}`, in the bundle: "
+           f"`--prompt {PROMPT_CODES}` feeds exactly the same codes), alignment `" + str(req["alignment"]) + "`."]
+    recorded = report.command or ""
     if recorded.startswith("xbackend compare"):
         out += ["", f"As typed: `{recorded}`"]
     out += ["", details("request (report.json)", "```json\n" + json.dumps(req, indent=2, sort_keys=True) + "\n```")]
@@ -540,7 +530,7 @@ def _divergence_section(divs: list[Divergence]) -> list[str]:
     for d in divs:
         temp = next((v.temperature for v in d.views if v.taken is not None), float("nan"))
         ref = d.views[0]
-        out += [f"### {d.backend}: {d.verdict} at step {d.step}, stream {d.stream}", "",
+        out += [f"### {d.title}", "",
                 f"Traces: `{d.run}` ({d.why}). Probabilities: softmax over the full vocabulary at the stream's "
                 f"sampling temperature T = {temp:g} (no top-k cut). Reference token: **{ref.ref_token}**, what "
                 f"{ref.backend} ({ref.run}) took.", ""]
@@ -564,14 +554,14 @@ def _divergence_section(divs: list[Divergence]) -> list[str]:
 def _drift_section(run: RunDir, plots: dict[str, Path]) -> list[str]:
     out = ["## Teacher-forced drift", "",
            "Each backend forced onto the reference's native tokens: max |Δlogit| and KL (at the sampling "
-           "temperature) per step, one line per stream; red dashed lines mark divergences. "
-           "The PNGs are in `plots/` (attach them to the issue).", ""]
+           "temperature) per step, one line per stream; the dash-dotted line is the tolerance, red dotted lines mark "
+           "divergences. The PNGs are in `plots/` (attach them to the issue).", ""]
     for label, path in plots.items():
         out += [f"![{label} drift]({path.relative_to(run.path).as_posix()})", ""]
     if not plots:
         out += ["No backend has a complete teacher-forced run to plot.", ""]
     rows = []
-    for d in run.report.get("drift", []):
+    for d in run.report.drift:
         for stream, stats in d.get("streams", {}).items():
             ma, kl = stats.get("max_abs", {}), stats.get("kl", {})
             rows.append([d["backend"], d["mode"], stream, _num(ma.get("max")), _num(ma.get("max_step"), "d"),
@@ -582,9 +572,9 @@ def _drift_section(run: RunDir, plots: dict[str, Path]) -> list[str]:
     return out
 
 
-def _env_section(report: dict) -> list[str]:
-    backends = [b for b in report.get("backends", []) if b.get("env")]
-    missing = [b["name"] for b in report.get("backends", []) if not b.get("env")]
+def _env_section(report) -> list[str]:
+    backends = [b for b in report.backends if b.get("env")]
+    missing = [b["name"] for b in report.backends if not b.get("env")]
     out = ["## Environment", ""]
     if backends:
         out += [details("env fingerprint of every backend (OS, chip, Python, library versions, device, dtype, "
@@ -597,9 +587,9 @@ def _env_section(report: dict) -> list[str]:
 def _bundle_section(plan: BundlePlan) -> list[str]:
     rows = [[w.arcname(), f"{w.start}..{w.stop - 1}"] for w in plan.windows]
     out = ["## Bundle", "",
-           f"`{BUNDLE}` holds report.json, this page, the plots, `prompt_codes.npy` and the traces trimmed to "
-           f"{plan.half_width} steps either side of each divergence (the first steps when none). Each trimmed "
-           "trace loads with `xbackend.load_trace`; its meta.json records `trimmed_from` (start, steps).", ""]
+           f"`{BUNDLE}` holds report.json, this page, the plots, `{PROMPT_CODES}` and the traces trimmed to "
+           f"{plan.half_width} steps either side of every step this page quotes (the first steps when none). Each "
+           "trimmed trace loads with `xbackend.load_trace`; its meta.json records `trimmed_from` (start, steps).", ""]
     out += [details(f"trimmed traces ({len(rows)})", md_table(["trace", "original steps"], rows))]
     if plan.omitted:
         out += ["", "Left out to stay under the size limit: " + ", ".join(w.arcname() for w in plan.omitted)]
@@ -608,18 +598,18 @@ def _bundle_section(plan: BundlePlan) -> list[str]:
 
 def render_markdown(run: RunDir, divs: list[Divergence], plots: dict[str, Path], plan: BundlePlan) -> str:
     report = run.report
-    req = report["request"]
+    req = report.request
     from . import __version__
 
     head = [f"# xbackend: {', '.join(req['backends'])} on model `{req['model']}`", "",
-            f"Reference **{report['reference']}**; seed {req['seed']}, {req['steps']} steps, {req['repeats']} native "
-            f"runs per backend, alignment `{req['alignment']}`; xbackend {__version__}; run {report.get('created')}.", ""]
+            f"Reference **{report.reference}**; seed {req['seed']}, {req['steps']} steps, {req['repeats']} native "
+            f"runs per backend, alignment `{req['alignment']}`; xbackend {__version__}; run {report.created}.", ""]
     body = (_verdict_section(report) + _words_section(report) + _divergence_section(divs) + _drift_section(run, plots)
-            + _reproduce_section(report) + _env_section(report) + _bundle_section(plan))
-    if report.get("failures"):
+            + _arbiter_section(report) + _reproduce_section(report) + _env_section(report) + _bundle_section(plan))
+    if report.failures:
         body += ["## Failures", "", md_table(["run", "status", "error", "failed at", "steps done"],
-                                             [[f["run"], f["status"], f.get("error"), _where(f.get("failed_at")),
-                                               f.get("steps")] for f in report["failures"]]), ""]
+                                             [[f["run"], f["status"], f.get("error"), where(f.get("failed_at")),
+                                               f.get("steps")] for f in report.failures]), ""]
     return "\n".join(head + body)
 
 
@@ -641,10 +631,10 @@ def write_report(run_dir: str | Path, limit: int = BUNDLE_LIMIT) -> ReportFiles:
     plots = write_plots(run)
     divs = divergences(run)
     extras = [run.path / REPORT_JSON, *plots.values()]
-    if (run.path / "prompt_codes.npy").is_file():
-        extras.append(run.path / "prompt_codes.npy")
+    if (run.path / PROMPT_CODES).is_file():
+        extras.append(run.path / PROMPT_CODES)
     budget = limit - _MD_RESERVE - sum(p.stat().st_size + 1024 for p in extras)
-    plan = plan_bundle(run, divs, budget)
+    plan = plan_bundle(run, budget)
     md = run.path / REPORT_MD
     md.write_text(render_markdown(run, divs, plots, plan))
     bundle = write_bundle(run, plan, [md, *extras], run.path / BUNDLE)

@@ -7,14 +7,48 @@ Every decision except `native` is a pure function of the captured logits and of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
 from .errors import XBackendError
 
 MODES = ("native", "portable", "greedy", "forced", "candle")
+DEFAULT_SEED = 299792458  # the Rust CLI's default, so runs line up with candle's
 _MASK64 = (1 << 64) - 1
+
+# Sampler identity: what decides a token, as data recorded in every trace (`meta.sampler.identity`).
+# Two runs "share a sampler" only when algorithm AND rng are equal: then, with the same seed, only
+# the logits can make their tokens differ. A backend declares its native sampler's identity
+# (`Backend.native_sampler`); the other modes' identities are xbackend's own, listed here, so a new
+# mode adds one entry.
+SAMPLER_IDENTITIES: dict[str, dict[str, str | None]] = {
+    "portable": {"algorithm": "xbackend portable: top-k, temperature, Gumbel-max in float64",
+                 "rng": "Philox4x64-10 keyed by (seed, step<<16|stream)"},
+    "candle": {"algorithm": "candle LogitsProcessor: temperature, top-k, WeightedIndex (replayed bit-exactly)",
+               "rng": "rand StdRng (ChaCha12), text and audio processors seeded with the seed"},
+    "greedy": {"algorithm": "argmax", "rng": None},
+    "forced": {"algorithm": "forced: a reference's tokens", "rng": None},
+}
+
+
+def shares_sampler(a: dict | None, b: dict | None) -> bool | None:
+    """Do two recorded sampler identities name one algorithm on one RNG stream? None: one is unrecorded."""
+    if not a or not b or not a.get("algorithm") or not b.get("algorithm"):
+        return None
+    return a.get("algorithm") == b.get("algorithm") and a.get("rng") == b.get("rng")
+
+
+def describe_identity(identity: dict | None) -> str:
+    """`algorithm on rng`, or a note that the identity is unknown."""
+    if not identity or not identity.get("algorithm"):
+        return "an unrecorded sampler"
+    return identity["algorithm"] + (f" on {identity['rng']}" if identity.get("rng") else "")
+
+
+def effective_top_k(top_k: int, vocab: int) -> int:
+    """How many tokens a top-k sampler keeps: all of them for top_k <= 0, at most the vocabulary."""
+    return int(vocab) if top_k <= 0 else min(int(top_k), int(vocab))
 
 
 @dataclass(frozen=True)
@@ -29,6 +63,34 @@ class SamplingSettings:
     def for_stream(self, stream: int) -> tuple[float, int]:
         """(temperature, top_k) for stream index `stream` (0 is text)."""
         return (self.temp_text, self.top_k_text) if stream == 0 else (self.temp_audio, self.top_k_audio)
+
+    def effective(self, vocab: list[int]) -> list[tuple[float, int]]:
+        """(temperature, kept tokens) per stream: what decisions actually depend on."""
+        return [(float(self.for_stream(i)[0]), effective_top_k(self.for_stream(i)[1], v)) for i, v in enumerate(vocab)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> SamplingSettings:
+        """Settings from JSON: unknown keys ignored (newer writers), missing ones at their defaults,
+        values of the wrong type refused."""
+        out = {}
+        for f in fields(cls):
+            if data and f.name in data:
+                value = data[f.name]
+                want = float if f.type in ("float", float) else int
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                        want is int and int(value) != value) or not math.isfinite(value):
+                    raise XBackendError(f"Sampling setting {f.name} is {value!r}, not a finite {want.__name__}",
+                                        fix="record settings written by xbackend")
+                out[f.name] = want(value)
+        return cls(**out)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> SamplingSettings:
+        """The settings a trace recorded."""
+        return cls.from_dict(meta.get("settings"))
 
 
 RUST_CLI_SETTINGS = SamplingSettings(temp_text=0.8, top_k_text=250, temp_audio=0.8, top_k_audio=250)
@@ -78,7 +140,7 @@ def portable(logits: np.ndarray, temp: float, top_k: int, seed: int, step: int, 
         return greedy(logits)
     z = z / temp
     v = z.shape[-1]
-    k = v if top_k <= 0 else min(top_k, v)
+    k = effective_top_k(top_k, v)
     kth = np.partition(z, v - k)[v - k]
     gumbel = -np.log(-np.log(portable_uniforms(seed, step, stream, v)))
     score = np.where(z >= kth, z + gumbel, -np.inf)
@@ -95,7 +157,7 @@ def tempered_probs(logits: np.ndarray, temp: float, top_k: int) -> np.ndarray:
         return p
     z = z / temp
     v = z.shape[-1]
-    k = v if top_k <= 0 else min(top_k, v)
+    k = effective_top_k(top_k, v)
     kth = np.partition(z, v - k)[v - k]
     z = np.where(z >= kth, z, -np.inf)
     z = z - z.max()
@@ -120,7 +182,7 @@ def sampled_probs(logits: np.ndarray, temp: float, top_k: int) -> np.ndarray:
     e = np.exp(z - z.max())
     p = e / e.sum(dtype=np.float32)
     v = p.shape[-1]
-    k = v if top_k <= 0 else min(top_k, v)
+    k = effective_top_k(top_k, v)
     kth = np.partition(p, v - k)[v - k]
     return np.where(p >= kth, p, np.float32(0.0))
 
@@ -173,9 +235,14 @@ class Sampler:
             return -1
         return int(tokens[step, stream])
 
-    def describe(self) -> dict:
-        """What goes into a trace's metadata."""
-        out = {"mode": self.mode, "seed": self.seed}
+    def identity(self) -> dict | None:
+        """Who decides this run's tokens (None for native: only the backend knows its sampler)."""
+        known = SAMPLER_IDENTITIES.get(self.mode)
+        return dict(known) if known is not None else None
+
+    def describe(self, native: dict | None = None) -> dict:
+        """What goes into a trace's metadata; `native` is the backend's own sampler identity."""
+        out = {"mode": self.mode, "seed": self.seed, "identity": native if self.native else self.identity()}
         if self.forced_from:
             out["forced_from"] = self.forced_from
         if self.mode == "portable":

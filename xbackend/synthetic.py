@@ -8,17 +8,16 @@ how two "backends" of the same model are faked. `write_trace` writes exact array
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from .samplers import Sampler, SamplingSettings
+from .samplers import DEFAULT_SEED, SAMPLER_IDENTITIES, Sampler, SamplingSettings
 from .trace import Trace, TraceWriter, load_trace
 
 MOSHI_7B_VOCAB = (32000,) + (2048,) * 8  # text_card 32000, dep_q 8 audio codebooks of 2048
-SYNTHETIC_SEED = 299792458  # the trace's recorded run seed (capture's default)
+SYNTHETIC_SEED = DEFAULT_SEED  # the trace's recorded run seed (capture's default)
 
 
 def stream_names(n: int) -> list[str]:
@@ -33,8 +32,8 @@ def default_meta(*, seed: int = SYNTHETIC_SEED, mode: str = "greedy", dtype: str
         "spec": {"name": "synthetic", "device": None, "dtype": dtype, "quant": None},
         "model": {"name": "synthetic", "digest": "synthetic-model"},
         "prompt": {"source": "synthetic", "kind": "codes", "digest": "synthetic-prompt"},
-        "seed": seed, "sampler": {"mode": mode, "seed": seed},
-        "settings": dataclasses.asdict(settings or SamplingSettings()),
+        "seed": seed, "sampler": {"mode": mode, "seed": seed, "identity": SAMPLER_IDENTITIES.get(mode)},
+        "settings": (settings or SamplingSettings()).to_dict(),
         "alignment": {"mode": "aligned"},
     }
     meta.update(overrides)
@@ -101,7 +100,7 @@ def synthetic_trace(path: str | Path, *, steps: int, vocab: Sequence[int] = MOSH
     """
     if sampler not in ("greedy", "portable"):
         raise ValueError(f"synthetic traces sample greedy or portable, not {sampler!r}")
-    settings = SamplingSettings(**(meta or {}).get("settings", {}))
+    settings = SamplingSettings.from_meta(meta or {})
     meta = meta if meta is not None else default_meta(mode=sampler)
     picker = Sampler(sampler, int(meta.get("seed", SYNTHETIC_SEED)), settings)
     streams = stream_names(len(vocab))

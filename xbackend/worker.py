@@ -45,7 +45,7 @@ def request_from_json(data: dict):
     from .capture import CaptureRequest
     from .samplers import SamplingSettings
 
-    return CaptureRequest(**dict(data, settings=SamplingSettings(**data["settings"])))
+    return CaptureRequest(**dict(data, settings=SamplingSettings.from_dict(data["settings"])))
 
 
 def worker_main(job_file: str) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -111,15 +112,21 @@ def wrap_backend(spec: BackendSpec | str, on_logits: LogitsHook) -> Factory:
     """A factory for `spec` whose logits pass through `on_logits(run, step, stream, logits)`
     before sampling and recording: for fault injection and custom kernels in tests.
 
-    The factory registered for `spec` now is the one wrapped, so a plugin may re-register a
-    built-in name around itself (`register_backend("cpu", wrap_backend("cpu", ...))`)."""
+    The requested spec's device, dtype and quantization apply (registered as `flip`, the spec
+    `flip:bf16` runs the wrapped backend in bf16, and is labelled and tolerated as bf16). The
+    factory registered for `spec` now is the one wrapped, so a plugin may re-register a built-in
+    name around itself (`register_backend("cpu", wrap_backend("cpu", ...))`)."""
     base = parse_spec(spec) if isinstance(spec, str) else spec
     load_entry_points()
     inner = _FACTORIES.get(base.name)
 
-    def factory(requested: BackendSpec) -> Backend:
-        backend = inner(base) if inner is not None else create_backend(base)
-        backend.label = str(base)
+    def factory(requested: BackendSpec | None) -> Backend:
+        requested = requested or base
+        run = replace(base, device=requested.device or base.device,
+                      dtype=requested.dtype if requested.dtype != "fp32" else base.dtype,
+                      quant=requested.quant or base.quant)
+        backend = inner(run) if inner is not None else create_backend(run)
+        backend.label = str(requested)
         backend.on_logits = on_logits
         return backend
 

@@ -180,6 +180,12 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for the device's queued work, so that timings end when the work does (MPS, CUDA, MLX)."""
 
+    def native_sampler(self) -> dict | None:
+        """Identity of the library's own sampler, `{"algorithm": ..., "rng": ...}`, recorded in every
+        native trace: two runs whose identities are equal (same seed) can differ only through their
+        logits. None when unknown: then no native divergence can be blamed on the logits alone."""
+        return None
+
     def load(self, model: ModelRef) -> None:
         raise NotImplementedError
 

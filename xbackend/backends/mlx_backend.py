@@ -149,6 +149,12 @@ class MlxBackend(Backend):
         out.update(self.loaded)
         return out
 
+    def native_sampler(self) -> dict:
+        """moshi_mlx's `Sampler` (top-k, temperature, `mx.random.categorical`: Gumbel-max) on the global
+        Threefry key; the noise is computed on the device, so CPU and GPU count as different streams."""
+        return {"algorithm": "moshi_mlx Sampler: top-k, temperature, categorical (Gumbel-max)",
+                "rng": f"MLX Threefry key (mx.random.seed) on {str(self._device()).split('(')[-1].split(',')[0]}"}
+
     def seed_rng(self, seed: int) -> None:
         import mlx.core as mx
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import BackendFailed, BackendUnavailable, XBackendError
 from ..models import ModelRef
-from ..samplers import portable_uniforms
+from ..samplers import effective_top_k, portable_uniforms
 from ..spec import BackendSpec
 from .base import Backend, Job, StepRecord, StepRecorder, install_hint
 
@@ -138,6 +138,14 @@ class TorchBackend(Backend):
             out["mps_prefer_metal"] = os.environ.get("PYTORCH_MPS_PREFER_METAL", "").strip() == "1"
             out["mps_fallback"] = os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK", "").strip() == "1"
         return out
+
+    def native_sampler(self) -> dict:
+        """moshi's `sample_token` on float32 logits (LMGen casts them, whatever the dtype) with the
+        device's global generator: CPU, CUDA and MPS generators draw different streams for one seed."""
+        rng = {"cpu": "torch CPU generator (mt19937)", "cuda": "torch CUDA generator (Philox4x32-10)",
+               "mps": "torch MPS generator"}.get(self.spec.name, f"torch {self.spec.name} generator")
+        return {"algorithm": "moshi sample_token: top-k, temperature, exponential race argmax(p / Exp(1)), float32",
+                "rng": rng}
 
     def seed_rng(self, seed: int) -> None:
         import torch
@@ -302,7 +310,7 @@ class DeviceDecisions:
                 rule = "greedy"
             self.rules.append(rule)
             self.temps.append((temp, torch.tensor(temp, dtype=torch.float64, device=device),
-                               v if top_k <= 0 else min(top_k, v)))
+                               effective_top_k(top_k, v)))
         self.cuda = device.type == "cuda"
         pin = self.cuda
         self.host = [torch.empty(self.layout[3], dtype=torch.uint8, pin_memory=pin) for _ in range(2)]

@@ -1,0 +1,89 @@
+"""Tolerances: how far logits may move before a difference needs attention.
+
+Two tables, one per question:
+
+- `TOLERANCES` (compare, diff): a healthy backend against an fp32 reference of the same weights,
+  per-step max |Δlogit|. Comparing two tiers uses the looser of the two (`tolerance(a, b)`).
+- `CHECK_TOLERANCES` (check): a backend against *its own* baseline on the same kind of machine,
+  so far tighter. A TOML file (`load_tolerances`) overrides them tier by tier.
+
+| tier | compare | why | check | why |
+| --- | --- | --- | --- | --- |
+| fp64 | 1e-5 | computed in float64, but upstream casts logits to float32 before sampling, which is what traces keep: one float32 ulp at abs(logit) ~ 20 is 2e-6 | 4e-6 | two float32 ulps at abs(logit) ~ 20 |
+| fp32 | 1e-3 | measured ~1e-6 (tiny model); 7B depth and width grow it, see below | 1e-5 | same kernels give 0; another BLAS build, thread count or CPU generation reorders sums by a few ulps of logits ~±10 (1e-6) |
+| fp16 | 0.25 | unit roundoff 4.9e-4 (2^13 x fp32's); logits near 20 sit 0.016 apart, and the rounding of every activation adds up over the layers | 4e-3 | about 8 half-precision ulps of a logit near 1 |
+| bf16 | 1.0 | unit roundoff 3.9e-3 (8 x fp16's); logits in [16, 32) sit 0.125 apart; measured on the tiny model: MLX bf16 vs fp32 up to 0.72, PyTorch CPU bf16 up to ~0.77 | 1.6e-2 | about 2 bf16 ulps of a logit near 1 |
+| q8 | 2.0 | int8 weights: a different (quantized) model; measured on the tiny model (only its depformer quantizes) 0.26 against fp32, and a 7B model quantized throughout shifts more | 5e-2 | rounding inside dequantization may reorder |
+| q4 | 8.0 | 4-bit group-quantized weights move logits by whole units (tiny model, MLX q4 vs fp32: p99 4.1, max 5.2): gross errors only | 2e-1 | coarse, only real changes should trip it |
+
+fp32 (compare): same weights on the tiny model measured CPU vs MLX ~2e-6 and CPU vs CUDA ~1e-6.
+A 7B Moshi has 32 layers of width 4096 and logits of ±20, whose fp32 spacing alone is 2e-6, so
+its healthy cross-backend drift is expected 10-100x larger; 1e-3 keeps such runs inside while
+the semantic rule (100 x tolerance = 0.1 logit) still catches the ~1 logit of wrong weights,
+config or alignment.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .errors import XBackendError
+
+TOLERANCES: dict[str, float] = {"fp64": 1e-5, "fp32": 1e-3, "fp16": 0.25, "bf16": 1.0, "q8": 2.0, "q4": 8.0}
+CHECK_TOLERANCES: dict[str, float] = {"fp64": 4e-6, "fp32": 1e-5, "fp16": 4e-3, "bf16": 1.6e-2, "q8": 5e-2,
+                                      "q4": 2e-1}
+
+
+def tier_of(trace) -> str:
+    """A trace's (or a trace meta dict's) tolerance tier: its quantization if any, else its dtype (fp32 when unrecorded)."""
+    meta = getattr(trace, "meta", trace)
+    spec = meta.get("spec") or {}
+    return str(spec.get("quant") or spec.get("dtype") or "fp32")
+
+
+def tolerance(tier_a: str, tier_b: str = "fp32", overrides: dict[str, float] | None = None) -> float:
+    """The max |Δlogit| allowed between two tiers: the looser of the two (`overrides` replace `TOLERANCES` entries)."""
+    table = {**TOLERANCES, **(overrides or {})}
+    for tier in (tier_a, tier_b):
+        if tier not in table:
+            raise XBackendError(f"No tolerance for tier {tier!r}", asked=f"known tiers are {', '.join(table)}",
+                                fix=f"add `{tier} = ...` under [tolerances]")
+    return max(table[tier_a], table[tier_b])
+
+
+def load_tolerances(path: str | Path, defaults: dict[str, float] = CHECK_TOLERANCES) -> dict[str, float]:
+    """`defaults` with the `[tolerances]` table of a TOML file on top (tiers only, non-negative numbers)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise XBackendError("Reading a tolerances file needs Python 3.11+ or the tomli package",
+                                fix="pip install tomli") from None
+    path = Path(path)
+    if not path.is_file():
+        raise XBackendError(f"Tolerances file {path} does not exist", fix="pass an existing TOML file to --tolerances")
+    example = "[tolerances] then one line per tier, e.g. fp32 = 1e-5"
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise XBackendError(f"Tolerances file {path} is not valid TOML ({exc})", fix=f"write {example}") from None
+    for key in data:
+        if key != "tolerances":
+            raise XBackendError(f"Unknown key {key!r} in tolerances file {path}",
+                                asked="the file has one table, [tolerances]", fix=f"write {example}")
+    table = data.get("tolerances", {})
+    if not isinstance(table, dict):
+        raise XBackendError(f"'tolerances' in {path} is not a table", fix=f"write {example}")
+    out = dict(defaults)
+    for key, value in table.items():
+        if key not in defaults:
+            raise XBackendError(f"Unknown key {key!r} in tolerances file {path}",
+                                asked=f"tiers are {', '.join(defaults)}", fix=f"write {example}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise XBackendError(f"Tolerance {key!r} in {path} is {value!r}, not a non-negative number",
+                                fix=f"write a number, e.g. {key} = {defaults[key]:g}")
+        out[key] = float(value)
+    return out
