@@ -154,7 +154,7 @@ def test_run_directory_without_a_report_is_bad_input(tmp_path):
 
 
 def test_verdicts_quoting_one_divergence_share_one_table(tmp_path):
-    run = seven_b_run(tmp_path / "run", steps=40)
+    run = synthetic_run(tmp_path / "run", steps=40)
     report = json.loads((run / "report.json").read_text())
     for v in report["verdicts"]:
         v.update(verdict="NUMERIC_DIVERGENCE", first_divergence={"step": 30, "stream": "audio0"},
