@@ -31,8 +31,9 @@ def train(corpus: Path, vocab_size: int, out: Path) -> bytes:
     import sentencepiece as spm
 
     buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_writer=buffer, vocab_size=vocab_size, model_type="bpe",
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    spm.SentencePieceTrainer.train(  # lines, not a path: the model records its input, and must not depend on where
+        sentence_iterator=iter(lines), model_writer=buffer, vocab_size=vocab_size, model_type="bpe",
         character_coverage=1.0, normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1,
         shuffle_input_sentence=False, minloglevel=2)
     data = buffer.getvalue()

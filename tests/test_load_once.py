@@ -72,8 +72,8 @@ def test_runs_on_a_reused_model_are_the_fresh_process_runs(tmp_path, backend):
 
 
 def test_compare_loads_each_backend_once(tmp_path):
-    report = run_compare(CompareRequest(backends=("cpu", "cpu"), steps=12, repeats=3, decode_audio=False),
-                         tmp_path / "run")
+    report = run_compare(CompareRequest(backends=("cpu", "cpu"), steps=12, repeats=3, decode_audio=False,
+                                        arbiter="none"), tmp_path / "run").to_dict()
     t = report["timing"]
     # per backend: 3 native repeats and the portable run; the second also its forced run
     assert t["runs"] == 9 and t["loads"] == 2
@@ -101,7 +101,8 @@ def test_prepared_workers_never_outlive_the_command(tmp_path, monkeypatch):
         return proc
 
     monkeypatch.setattr(compare, "prepare_worker", spy)
-    report = run_compare(CompareRequest(backends=("mps", "cpu", "cpu"), steps=8, repeats=1), tmp_path / "run")
+    report = run_compare(CompareRequest(backends=("mps", "cpu", "cpu"), steps=8, repeats=1, arbiter="none"),
+                         tmp_path / "run").to_dict()
     # the first backend's worker is started before anyone knows mps cannot run here; then, while
     # cpu runs (in a worker of its own), the worker of cpu#2
     assert [s for s, _ in started] == ["mps", "cpu"]
@@ -116,7 +117,8 @@ def test_prepared_workers_never_outlive_the_command(tmp_path, monkeypatch):
 def test_compare_cli_prints_words_and_loads(tmp_path):
     proc = run_cli("compare", "--backends", "cpu,cpu", "--steps", "12", "--out", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr
-    assert "2 model loads" in proc.stdout and "over 7 runs" in proc.stdout
+    # one load per backend, and one for the arbiter (cpu:fp64, in the reference's worker)
+    assert "3 model loads" in proc.stdout and "over 8 runs" in proc.stdout
     assert "words (tokenizer.model;" in proc.stdout
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     text = report["words"]["runs"][0]["text"]

@@ -34,6 +34,7 @@ from .worker import RunOutcome, prepare_worker, request_to_json, run_worker
 EventFn = Callable[[dict], None]
 DEFAULT_ARBITER = "cpu:fp64"
 ARBITER_AUTO, ARBITER_NONE = "auto", "none"
+AUTO_ARBITER_BYTES = 4e9  # `auto` runs the fp64 arbiter for models up to ~0.5B parameters
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ def collect(label: str, tier: str, outcomes: list[RunOutcome]) -> BackendRuns:
 
 
 def resolve_arbiter(choice: str | None, model: ModelRef) -> tuple[str | None, str | None]:
-    """(arbiter spec or None, why none). `auto` is cpu:fp64 when an fp64 copy of the model fits in memory."""
+    """(arbiter spec or None, why none). `auto` is cpu:fp64 when an fp64 copy of the model is small
+    (`AUTO_ARBITER_BYTES`) and fits in half of this machine's memory."""
     if choice is None or choice.strip().lower() == ARBITER_NONE:
         return None, "turned off (--arbiter none)"
     if choice.strip().lower() != ARBITER_AUTO:
@@ -118,6 +120,9 @@ def resolve_arbiter(choice: str | None, model: ModelRef) -> tuple[str | None, st
         return None, (f"an MLX-native checkpoint cannot be loaded by the PyTorch arbiter {DEFAULT_ARBITER}; "
                       "pass --arbiter with an MLX spec to use one")
     need = 4 * model.weights.stat().st_size  # an fp64 copy of bf16 weights at worst
+    if need > AUTO_ARBITER_BYTES:  # fp64 on the CPU reads the whole copy every step: minutes per 100 steps at 7B
+        return None, (f"the model's fp64 copy (~{need / 1e9:.1f} GB) is over the {AUTO_ARBITER_BYTES / 1e9:g} GB "
+                      f"that `auto` runs on the CPU; pass --arbiter {DEFAULT_ARBITER} to run it anyway")
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
