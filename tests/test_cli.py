@@ -75,9 +75,8 @@ def test_checkpoint_that_does_not_fit_its_config(tmp_path):
     config["dim"] = 48
     (local / "config.json").write_text(json.dumps(config))
     proc = run_cli("capture", "--model", str(local), "--steps", "2", "--out", str(tmp_path / "t"))
-    assert_clean_error(proc, 2, "does not fit its config")
-    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
-    assert meta["status"] == "failed" and "does not fit" in meta["error"]
+    assert_clean_error(proc, 2, "does not fit its config", "text_emb.weight")
+    assert not (tmp_path / "t").exists()  # refused from the safetensors header, before any worker or trace
 
 
 def test_truncated_forced_trace_is_used_up_to_its_last_step(tmp_path):
@@ -126,7 +125,9 @@ def test_capture_into_a_directory_keeps_files_that_are_not_the_traces(tmp_path):
     out = tmp_path / "mixed"
     out.mkdir()
     (out / "firmware.bin").write_bytes(b"keep me")
-    assert run_cli("capture", "--steps", "2", "--out", str(out)).returncode == 0
+    assert_clean_error(run_cli("capture", "--steps", "2", "--out", str(out)), 2, "not written by xbackend", "--force")
+    assert sorted(p.name for p in out.iterdir()) == ["firmware.bin"]
+    assert run_cli("capture", "--steps", "2", "--out", str(out), "--force").returncode == 0
     assert (out / "firmware.bin").read_bytes() == b"keep me"
 
 

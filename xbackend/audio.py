@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from .codecs import REFERENCE_CODEC
-from .errors import XBackendError
-from .models import ModelRef, tiny_codec
 from .codecs.base import SAMPLE_RATE
+from .models import ModelRef, codec_for
+from .prompt import check_codes_range
 from .trace import Trace
 
 
@@ -25,10 +25,9 @@ def decode_trace(model: ModelRef, trace: Trace, codec_spec: str = REFERENCE_CODE
     """A run's generated audio, 24 kHz mono float32, decoded by `codec_spec` (default: the reference codec)."""
     from .codecs import decode_codes
 
-    codec = model.codec or tiny_codec()
+    codec = codec_for(model, model.dep_q)
     codes = generated_codes(model, trace)
-    if codes.max(initial=0) >= 2 ** 16:
-        raise XBackendError("audio tokens out of range")
+    check_codes_range(codes, int(model.config["card"]), f"Audio tokens of {trace.path}")
     return decode_codes(codec, codes, codec_spec)
 
 

@@ -102,7 +102,6 @@ def bench_diff(a: Trace, b: Trace, *, cold: bool = True, block: int = BLOCK_STEP
     start, cpu = time.perf_counter(), time.process_time()
     step_metrics(a, b, block=block, workers=workers)
     diff_s, diff_cpu_s = time.perf_counter() - start, time.process_time() - cpu
-    row = sum(a.meta["vocab"]) * (np.dtype(a.meta["logits_dtype"]).itemsize
-                                  + np.dtype(b.meta["logits_dtype"]).itemsize)
+    row = sum(a.meta["vocab"]) * (a.logits_itemsize + b.logits_itemsize)
     return Throughput(steps=n, bytes=n * row, read_bytes=read_bytes, cold=dropped, read_s=read_s, diff_s=diff_s,
                       diff_cpu_s=diff_cpu_s)

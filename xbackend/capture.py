@@ -13,11 +13,13 @@ import numpy as np
 
 from .backends import Backend, Job, StepRecorder, create_backend, require_available
 from .backends.base import ALIGNMENTS
+from . import validate
 from .errors import BackendFailed, XBackendError
 from .models import ModelRef, resolve_model
-from .prompt import CODES_SUFFIXES, Prompt, codes_digest, load_prompt, read_codes
+from .prompt import CODES_SUFFIXES, Prompt, check_codes_range, codes_digest, load_prompt, read_codes
 from .samplers import DEFAULT_SEED, Sampler, SamplingSettings, parse_mode
-from .trace import Trace, TraceWriter, load_trace
+from .outdir import claim
+from .trace import COMPACT, LOGITS_DTYPES, Trace, TraceWriter, load_trace
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,9 @@ def forced_plan(source: str, model: ModelRef, steps: int) -> tuple[np.ndarray, n
                             asked=f"model {model.name} needs [{n_all}, T] (text, then all audio codebooks) "
                             f"or [{n_gen}, T] (text and generated codebooks)",
                             fix="save the codes in the layout LMModel.forward takes")
+    for k in range(codes.shape[0]):
+        vocab = model.vocab[k] if k < n_gen else int(model.config["card"])
+        check_codes_range(codes[k:k + 1], vocab, f"Codes file {path} row {k}")
     tokens = np.full((steps, n_gen), -1, dtype=np.int64)
     for k, delay in enumerate(model.delays):
         for s in range(steps):
@@ -88,12 +93,25 @@ def make_sampler(req: CaptureRequest, model: ModelRef) -> tuple[Sampler, np.ndar
 
 
 def check_request(req: CaptureRequest) -> None:
-    if req.steps < 1:
-        raise XBackendError(f"--steps must be at least 1, got {req.steps}")
+    """Every number and name of a request, before anything runs."""
+    validate.steps(req.steps)
+    validate.seed(req.seed)
     if req.alignment not in ALIGNMENTS:
         raise XBackendError(f"Unknown alignment {req.alignment!r}", asked=f"available are {', '.join(ALIGNMENTS)}")
-    if not 0 <= req.seed < 2**63:
-        raise XBackendError(f"--seed must be between 0 and 2**63-1, got {req.seed}")
+    validate.settings(req.settings)
+    validate.integer("run_index", req.run_index, 0, 2**31)
+    parse_mode(req.sampler)
+
+
+def stored_dtype(backend_dtype: str) -> str:
+    """How a backend's logits are stored: 2 bytes where the model computes them in bf16/fp16 (exact), else float32."""
+    return COMPACT.get(backend_dtype, "float32")
+
+
+def trace_bytes(model: ModelRef, steps: int, backend_dtype: str) -> int:
+    """Bytes one run's trace takes on disk (logits in their stored dtype, tokens, margins, inputs, digests)."""
+    item = LOGITS_DTYPES[stored_dtype(backend_dtype)].itemsize
+    return steps * (sum(model.vocab) * item + 8 * len(model.streams) + 4 * model.n_user + 33) + 65536
 
 
 class LoadedBackend:
@@ -129,22 +147,27 @@ def open_backend(spec: str, model: str = "tiny", model_config: str | None = None
 
 
 def capture(req: CaptureRequest, out: str | Path, progress: Callable[[int, int], None] | None = None,
-            sampler: Sampler | None = None) -> Trace:
+            sampler: Sampler | None = None, *, force: bool = False) -> Trace:
     """Run `req` in a backend of its own and write its trace to `out`; failures keep the steps done so far.
 
-    `sampler` replaces the one `req.sampler` names (replay builds its own forced sampler)."""
+    `sampler` replaces the one `req.sampler` names (replay builds its own forced sampler). `out` must
+    be new, empty or an earlier trace; another run writing there is refused (`force` writes beside
+    files xbackend did not make, deleting none)."""
     check_request(req)
-    return run_loaded(open_backend(req.backend, req.model, req.model_config), req, out, progress, sampler)
+    return run_loaded(open_backend(req.backend, req.model, req.model_config), req, out, progress, sampler,
+                      force=force)
 
 
 def run_loaded(session: LoadedBackend, req: CaptureRequest, out: str | Path,
-               progress: Callable[[int, int], None] | None = None, sampler: Sampler | None = None) -> Trace:
+               progress: Callable[[int, int], None] | None = None, sampler: Sampler | None = None, *,
+               force: bool = False) -> Trace:
     """Run `req` on `session`'s backend (loading its model if no run has yet) and write the trace to `out`.
 
     `req.backend` and `req.model` are not looked up again: the session's are used, and recorded.
     """
     check_request(req)
     backend, model = session.backend, session.model
+    validate.disk_space(out, trace_bytes(model, req.steps, backend.spec.dtype), f"{req.steps} steps of {req.backend}")
     sampler, forced_user = (sampler, None) if sampler is not None else make_sampler(req, model)
     if forced_user is not None:
         prompt = Prompt(forced_user, str(req.sampler.partition(":")[2]), "codes", codes_digest(forced_user))
@@ -163,7 +186,14 @@ def run_loaded(session: LoadedBackend, req: CaptureRequest, out: str | Path,
         "effective": backend.effective(), "env": backend.env(), "model_reused": reused,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    writer = TraceWriter(Path(out), meta, model.streams, model.vocab, model.n_user)
+    with claim(out, "trace", force=force):
+        return _run(session, req, sampler, job, meta, Path(out), progress)
+
+
+def _run(session: LoadedBackend, req: CaptureRequest, sampler: Sampler, job: Job, meta: dict, out: Path,
+         progress: Callable[[int, int], None] | None) -> Trace:
+    backend, model = session.backend, session.model
+    writer = TraceWriter(out, meta, model.streams, model.vocab, model.n_user, stored_dtype(backend.spec.dtype))
     first_done: list[float] = []
 
     def on_step(record) -> None:
@@ -192,6 +222,11 @@ def run_loaded(session: LoadedBackend, req: CaptureRequest, out: str | Path,
     except KeyboardInterrupt:
         writer.close("interrupted", error="interrupted by the user")
         raise
+    except SystemExit as exc:  # plugin code ending the process would pass for success (exit 0)
+        writer.close("failed", error=f"sys.exit({exc.code!r}) called at step {writer.steps}",
+                     failed_at=recorder.position(), load_s=round(load_s, 4))
+        raise BackendFailed(f"Backend {backend.label} called sys.exit({exc.code!r}) at step {writer.steps}",
+                            asked=f"the {writer.steps} complete steps are kept in {out}") from None
     except Exception as exc:
         message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         writer.close("failed", error=f"crashed at step {writer.steps}: {message}", failed_at=recorder.position(),
@@ -200,7 +235,7 @@ def run_loaded(session: LoadedBackend, req: CaptureRequest, out: str | Path,
                             asked=f"the {writer.steps} complete steps are kept in {out}") from exc
     writer.close("complete", **run_timing(load_s, loaded, first_done[0] if first_done else None,
                                           time.perf_counter(), writer.steps))
-    return load_trace(out)
+    return load_trace(out, verify=False)  # just written by this process
 
 
 def run_timing(load_s: float, loaded: float, first: float | None, done: float, steps: int) -> dict:

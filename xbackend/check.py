@@ -24,19 +24,22 @@ import shutil
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import metrics
+
+from . import metrics, validate
 from .compare import CompareRequest, EventFn, run_compare
 from .errors import BackendFailed, XBackendError
 from .markdown import md_table
 from .results import CompareReport, Point, Repeatability, Verdict, exit_code, where
-from .rundir import FORCED, NATIVE_0, PORTABLE, PROMPT_CODES, TRACES, load_partial, safe_name
+from .rundir import FORCED, NATIVE_0, PORTABLE, PROMPT_CODES, TRACES, RunDir, load_partial, safe_name
 from .samplers import SamplingSettings
 from .tolerances import CHECK_TOLERANCES, load_tolerances, tier_of
-from .trace import Trace, load_trace, write_json_atomic
+from .outdir import claim, inside
+from .trace import Trace, load_trace, write_bytes_atomic, write_json_atomic
 
 BASELINE_SCHEMA = "xbackend.baseline/1"
 CHECK_SCHEMA = "xbackend.check/1"
@@ -53,31 +56,74 @@ def baseline_runs(label: str, reference: str) -> tuple[str, ...]:
     return (NATIVE_0, PORTABLE) if label == reference else (NATIVE_0, PORTABLE, FORCED)
 
 
-def create_baseline(req: CompareRequest, out: str | Path, on_event: EventFn | None = None) -> dict:
-    """Run `compare` and keep, in `out`, baseline.json, the prompt codes and the traces `check` needs."""
-    from . import __version__
+def create_baseline(req: CompareRequest, out: str | Path, on_event: EventFn | None = None, *,
+                    force: bool = False) -> dict:
+    """Run `compare` and keep, in `out`, baseline.json, the prompt codes and the traces `check` needs.
 
+    Only what an earlier baseline in `out` listed is replaced; nothing else there is deleted."""
     out = Path(out)
     req = replace(req, decode_audio=False, arbiter="none")  # a baseline keeps what check holds runs to
-    with tempfile.TemporaryDirectory(prefix="xbackend-baseline-") as tmp:
-        report = run_compare(req, tmp, on_event)
-        bad = [b for b in report.backends if b["status"] != "ok"]
-        if bad:
-            raise BackendFailed(f"Cannot make a baseline: backend {bad[0]['name']} is {bad[0]['status']} "
-                                f"({bad[0]['error']})", fix="make the baseline from backends that run on this machine")
-        if (out / "traces").exists():
-            shutil.rmtree(out / "traces")
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(tmp) / PROMPT_CODES, out / PROMPT_CODES)
-        traces = {}
-        ref = report.reference
-        for b in report.backends:
-            label = b["name"]
-            rel = Path(TRACES) / safe_name(label)
-            for run in baseline_runs(label, ref):
-                shutil.copytree(Path(tmp) / report.traces[label] / run, out / rel / run)
-            traces[label] = {"dir": rel.as_posix(), "runs": list(baseline_runs(label, ref)),
-                             "tier": tier_of(load_trace(out / rel / NATIVE_0))}
+    with claim(out, "baseline", force=force):
+        previous = _previous_traces(out)
+        with kept_on_failure("xbackend-baseline-") as tmp:
+            report = run_compare(req, tmp, on_event)
+            bad = [b for b in report.backends if b["status"] != "ok"]
+            if bad:
+                raise BackendFailed(f"Cannot make a baseline: backend {bad[0]['name']} is {bad[0]['status']} "
+                                    f"({bad[0]['error']})", asked=f"that run directory is kept in {tmp}",
+                                    fix="make the baseline from backends that run on this machine")
+            traces = {}
+            ref = report.reference
+            targets = [(Path(TRACES) / safe_name(b["name"]) / run, b["name"])
+                       for b in report.backends for run in baseline_runs(b["name"], ref)]
+            for rel, _ in targets:  # refuse before changing anything
+                if (out / rel).exists() and rel.as_posix() not in previous:
+                    raise XBackendError(f"Baseline trace {out / rel} exists and was not written by an earlier baseline "
+                                        "there", fix="choose a new --out directory, or move that folder away")
+            for rel, label in targets:
+                if rel.as_posix() in previous:
+                    shutil.rmtree(out / rel)  # a trace an earlier baseline here wrote: replaced by its new run
+                shutil.copytree(Path(tmp) / report.traces[label] / rel.name, out / rel, symlinks=True)
+            write_bytes_atomic(out / PROMPT_CODES, (Path(tmp) / PROMPT_CODES).read_bytes())
+            for b in report.backends:
+                rel = Path(TRACES) / safe_name(b["name"])
+                traces[b["name"]] = {"dir": rel.as_posix(), "runs": list(baseline_runs(b["name"], ref)),
+                                     "tier": tier_of(load_trace(out / rel / NATIVE_0, verify=False))}
+        return _write_baseline(req, report, traces, out)
+
+
+KEEP = ".keep"
+
+
+@contextmanager
+def kept_on_failure(prefix: str):
+    """A temporary run directory, deleted when the block succeeds, kept when it raised or marked itself
+    `KEEP` (so that the paths its messages name still exist); an empty one is always deleted."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield tmp
+    except BaseException:
+        if not any(tmp.iterdir()):
+            tmp.rmdir()
+        raise
+    if (tmp / KEEP).exists():
+        (tmp / KEEP).unlink()
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _previous_traces(out: Path) -> set[str]:
+    """Trace folders (relative) an earlier baseline.json in `out` lists: the only ones a new baseline replaces."""
+    try:
+        old = load_baseline(out)
+    except XBackendError:
+        return set()
+    return {f"{t['dir']}/{run}" for t in old["traces"].values() for run in t["runs"]}
+
+
+def _write_baseline(req: CompareRequest, report: CompareReport, traces: dict, out: Path) -> dict:
+    from . import __version__
+
     r = report.request
     baseline = {
         "schema": BASELINE_SCHEMA,
@@ -105,24 +151,33 @@ def create_baseline(req: CompareRequest, out: str | Path, on_event: EventFn | No
 
 
 def load_baseline(path: str | Path) -> dict:
+    """Read and check a baseline directory (it may come from anyone's repository: trust no field)."""
     path = Path(path)
     file = path / BASELINE_JSON
     if not file.is_file():
         raise XBackendError(f"No {BASELINE_JSON} in {path}",
                             fix="make one with `xbackend baseline create --backends cpu,mlx:cpu --out DIR`")
+    if file.is_symlink():
+        raise XBackendError(f"{file} is a symbolic link; baselines are read without following links",
+                            fix="replace the link by the file itself")
     try:
-        baseline = json.loads(file.read_text())
-    except ValueError as exc:
-        raise XBackendError(f"{file} is not valid JSON ({exc})", fix="recreate it with `xbackend baseline create`") from None
-    if baseline.get("schema") != BASELINE_SCHEMA:
-        raise XBackendError(f"{file} has schema {baseline.get('schema')!r}, expected {BASELINE_SCHEMA!r}",
+        baseline = json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise XBackendError(f"{file} is not valid UTF-8 JSON ({str(exc)[:120]})",
+                            fix="recreate it with `xbackend baseline create`") from None
+    if not isinstance(baseline, dict) or baseline.get("schema") != BASELINE_SCHEMA:
+        schema = baseline.get("schema") if isinstance(baseline, dict) else None
+        raise XBackendError(f"{file} has schema {schema!r}, expected {BASELINE_SCHEMA!r}",
                             fix="recreate it with `xbackend baseline create`")
+    validate.baseline_json(str(file), baseline, tuple(f.name for f in fields(SamplingSettings)))
     for label, t in baseline["traces"].items():
         for run in t["runs"]:
-            if not (path / t["dir"] / run / "meta.json").is_file():
-                raise XBackendError(f"Baseline {path} lacks the {run} trace of {label} ({path / t['dir'] / run})",
+            where = inside(path, f"{t['dir']}/{run}", f"baseline.json's trace path of {label}")
+            if not (where / "meta.json").is_file():
+                raise XBackendError(f"Baseline {path} lacks the {run} trace of {label} ({where})",
                                     fix="commit the whole baseline directory, or recreate it")
-    if not (path / baseline["prompt"]["file"]).is_file():
+    prompt = inside(path, baseline["prompt"]["file"], "baseline.json's prompt file")
+    if not prompt.is_file():
         raise XBackendError(f"Baseline {path} lacks its prompt codes {baseline['prompt']['file']}",
                             fix="commit the whole baseline directory, or recreate it")
     return baseline
@@ -150,7 +205,8 @@ def request_from_baseline(baseline: dict, path: Path, *, model: str | None, seed
             raise XBackendError(f"Baseline {path} was made with --{name} {baseline[name]}, not {asked}",
                                 fix=f"drop --{name}, or {_recreate_hint(baseline, path)}")
     return CompareRequest(backends=tuple(baseline["backends"]), model=model or baseline["model"]["name"],
-                          prompt=str(path / baseline["prompt"]["file"]), seed=baseline["seed"],
+                          prompt=str(inside(path, baseline["prompt"]["file"], "baseline.json's prompt file")),
+                          seed=baseline["seed"],
                           steps=baseline["steps"], repeats=baseline["repeats"], timeout=timeout,
                           alignment=baseline["alignment"], settings=SamplingSettings.from_dict(baseline["settings"]),
                           plugins=plugins, decode_audio=False, arbiter="none")
@@ -278,10 +334,10 @@ def backend_checks(label: str, baseline: dict, base_dir: Path, report: CompareRe
                             fix=f"add `{tier} = ...` under [tolerances]")
     pairs = []
     for run in t["runs"]:
-        fresh = load_partial(run_dir / report.traces[label] / run)
+        fresh = RunDir(run_dir, report).trace(label, run)
         if fresh is None:
             return [CheckResult(label, "run", "fail", f"{label}: run: its {run} run wrote no trace")]
-        pairs.append((run, load_trace(base_dir / t["dir"] / run), fresh))
+        pairs.append((run, load_trace(inside(base_dir, f"{t['dir']}/{run}", f"baseline trace of {label}")), fresh))
     out = [logits_check(label, tier, tolerances[tier], pairs)]
     portable = next(p for p in pairs if p[0] == PORTABLE)
     out.append(tokens_check(label, portable[1], portable[2]))
@@ -353,31 +409,51 @@ class CheckReport:
 def run_check(baseline_dir: str | Path, *, model: str | None = None, seed: int | None = None,
               steps: int | None = None, tolerances: dict[str, float] | None = None, plugins: tuple[str, ...] = (),
               timeout: float = 600.0, out: str | Path | None = None, on_event: EventFn | None = None,
-              run: str | Path | None = None) -> CheckReport:
+              run: str | Path | None = None, force: bool = False) -> CheckReport:
     """Run the baseline's backends again (or read the run recorded in `run`) and hold them to the
-    committed traces."""
+    committed traces; returns the result.
+
+    Without `out` or `run` the fresh run goes to a temporary directory, deleted when every check passes
+    and kept (its path in `run_dir`) when one fails, so that the paths in the messages still exist."""
     started = time.perf_counter()
     base_dir = Path(baseline_dir)
     baseline = load_baseline(base_dir)
     table = dict(tolerances or CHECK_TOLERANCES)
+    for tier, tol in table.items():
+        validate.number(f"tolerance {tier}", tol, 0.0, math.inf)
     if run is not None and out is not None:
         raise XBackendError("--run and --out exclude each other", asked="--run checks a run recorded earlier, "
                             "--out keeps the run that check makes", fix="drop one of them")
     if run is None or model is not None or seed is not None or steps is not None:
         req = request_from_baseline(baseline, base_dir, model=model, seed=seed, steps=steps, plugins=plugins,
                                     timeout=timeout)
-    with tempfile.TemporaryDirectory(prefix="xbackend-check-") as tmp:
+    if out is not None:
+        _refuse_overlap(base_dir, Path(out))
+    with kept_on_failure("xbackend-check-") as tmp:
         if run is not None:
             run_dir = out = Path(run)
             report = recorded_run(baseline, base_dir, run_dir)
         else:
-            run_dir = Path(out) if out is not None else Path(tmp)
-            report = run_compare(req, run_dir, on_event)
+            run_dir = Path(out) if out is not None else tmp
+            report = run_compare(req, run_dir, on_event, force=force)
         results = [r for label in baseline["traces"]
                    for r in backend_checks(label, baseline, base_dir, report, run_dir, table)]
+        failed = any(r.failed for r in results)
+        if failed and out is None:
+            (tmp / KEEP).touch()  # the context manager keeps a directory that holds this mark
+            out = tmp
     return CheckReport(str(base_dir), str(out) if out is not None else None, tuple(baseline["backends"]),
                        baseline["model"], baseline["seed"], baseline["steps"], table, tuple(results),
                        round(time.perf_counter() - started, 3))
+
+
+def _refuse_overlap(baseline: Path, out: Path) -> None:
+    """`check --out` must not be (or hold, or sit inside) the baseline: its committed traces would be overwritten."""
+    b, o = baseline.resolve(), out.resolve()
+    if b == o or b in o.parents or o in b.parents:
+        raise XBackendError(f"--out {out} overlaps the baseline {baseline}",
+                            asked="the fresh run would overwrite the committed traces it is checked against",
+                            fix="pass a --out directory outside the baseline, or leave --out out (temporary)")
 
 
 def junit_xml(report: CheckReport) -> str:

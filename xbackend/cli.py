@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import numbers
+import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -77,7 +78,20 @@ TOPK_TEXT_OPT = typer.Option(None, help=f"Text top-k, 0: every token [default: {
 TEMP_AUDIO_OPT = typer.Option(None, help=f"Audio temperature [default: {_DEFAULT_SETTINGS.temp_audio}].")
 TOPK_AUDIO_OPT = typer.Option(None, help=f"Audio top-k, 0: every token [default: {_DEFAULT_SETTINGS.top_k_audio}].")
 JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdout instead of the text output.")
-JSON_OUT_OPT = typer.Option(None, "--json-out", metavar="FILE", help="Also write the result as JSON to FILE.")
+
+
+def _output_file(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+    """A file written when the work is done (--json-out, --junit): its folder must exist before the work starts."""
+    from . import validate
+
+    if value is not None:
+        friendly(validate.output_file)(value, param.opts[0])
+    return value
+
+
+JSON_OUT_OPT = typer.Option(None, "--json-out", metavar="FILE", callback=_output_file,
+                            help="Also write the result as JSON to FILE.")
+FORCE_OPT = typer.Option(False, "--force", help="Write into a non-empty --out that xbackend did not make (deletes nothing).")
 
 
 def settings_options(temp_text: Optional[float], top_k_text: Optional[int], temp_audio: Optional[float],
@@ -218,6 +232,7 @@ def capture(
     temp_text: Optional[float] = TEMP_TEXT_OPT, top_k_text: Optional[int] = TOPK_TEXT_OPT,
     temp_audio: Optional[float] = TEMP_AUDIO_OPT, top_k_audio: Optional[int] = TOPK_AUDIO_OPT,
     out: Path = typer.Option(Path("trace"), "--out", "-o", help="Trace directory to write."),
+    force: bool = FORCE_OPT,
     plugin: Optional[List[Path]] = PLUGIN_OPT,
     as_json: bool = JSON_OPT,
     json_out: Optional[Path] = JSON_OUT_OPT,
@@ -232,7 +247,7 @@ def capture(
                          settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio, sampler))
     bar, update = progress_bar(f"capture {backend}")
     with bar:
-        trace = run_capture(req, out, progress=update)
+        trace = run_capture(req, out, progress=update, force=force)
     meta = trace.meta
     data = {"schema": "xbackend.capture/1", "trace": str(out), "backend": meta["backend"], "steps": trace.steps,
             "status": meta.get("status"), "sampler": meta["sampler"], "settings": meta["settings"],
@@ -345,6 +360,7 @@ def compare(
     arbiter: str = typer.Option("auto", help="Numeric arbiter teacher-forced on the reference's tokens: auto "
                                 "(cpu:fp64 when the model fits in memory), none, or a backend spec."),
     codec: str = typer.Option("torch:cpu", "--codec", help="Codec spec that decodes the generated audio (torch:cpu, mlx:cpu, candle, ...)."),
+    force: bool = FORCE_OPT,
     plugin: Optional[List[Path]] = PLUGIN_OPT,
     as_json: bool = JSON_OPT,
     json_out: Optional[Path] = JSON_OUT_OPT,
@@ -358,7 +374,7 @@ def compare(
                          sampler=sampler, plugins=tuple(str(p) for p in plugin or []), codec=codec, arbiter=arbiter)
     progress, on_event = run_progress()
     with progress:
-        report = run_compare(req, out, on_event, min_backends=2)
+        report = run_compare(req, out, on_event, min_backends=2, force=force)
 
     def text() -> None:
         print_verdicts(report)
@@ -479,6 +495,7 @@ def repeat(
     temp_text: Optional[float] = TEMP_TEXT_OPT, top_k_text: Optional[int] = TOPK_TEXT_OPT,
     temp_audio: Optional[float] = TEMP_AUDIO_OPT, top_k_audio: Optional[int] = TOPK_AUDIO_OPT,
     out: Path = typer.Option(Path("runs/repeat"), "--out", "-o", help="Directory for the runs' traces."),
+    force: bool = FORCE_OPT,
     plugin: Optional[List[Path]] = PLUGIN_OPT,
     as_json: bool = JSON_OPT,
     json_out: Optional[Path] = JSON_OUT_OPT,
@@ -492,7 +509,7 @@ def repeat(
                          plugins=tuple(str(p) for p in plugin or []))
     progress, on_event = run_progress()
     with progress:
-        result = run_repeat(req, out, on_event)
+        result = run_repeat(req, out, on_event, force=force)
 
     def text() -> None:
         rep, n = result.repeatability, result.repeatability.runs
@@ -561,7 +578,7 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory written by `x
 def check(
     baseline: Path = typer.Option(..., "--baseline", help="Baseline directory (from `xbackend baseline create`)."),
     tolerances: Optional[Path] = typer.Option(None, help="TOML file: \\[tolerances] fp32 = 1e-5 ... (tiers only)."),
-    junit: Optional[Path] = typer.Option(None, "--junit", metavar="FILE",
+    junit: Optional[Path] = typer.Option(None, "--junit", metavar="FILE", callback=_output_file,
                                          help="Write JUnit XML here (one testcase per backend and check)."),
     model: Optional[str] = typer.Option(None, help="Model to check (default: the baseline's); must match its digest."),
     seed: Optional[int] = typer.Option(None, help="Must equal the baseline's seed if given."),
@@ -570,6 +587,7 @@ def check(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Keep the fresh run directory here (default: temporary)."),
     run: Optional[Path] = typer.Option(None, "--run", help="Check this run directory, recorded earlier by `compare` or "
                                        "`check --out`, instead of running the backends (needs no backend installed)."),
+    force: bool = FORCE_OPT,
     plugin: Optional[List[Path]] = PLUGIN_OPT,
     as_json: bool = JSON_OPT,
     json_out: Optional[Path] = JSON_OUT_OPT,
@@ -582,7 +600,8 @@ def check(
     progress, on_event = run_progress()
     with progress:
         result = run_check(baseline, model=model, seed=seed, steps=steps, tolerances=table, timeout=timeout,
-                           plugins=tuple(str(p) for p in plugin or []), out=out, on_event=on_event, run=run)
+                           plugins=tuple(str(p) for p in plugin or []), out=out, on_event=on_event, run=run,
+                           force=force)
     if junit:
         from .check import junit_xml
 
@@ -614,6 +633,7 @@ def baseline_create(
     alignment: str = ALIGNMENT_OPT,
     temp_text: Optional[float] = TEMP_TEXT_OPT, top_k_text: Optional[int] = TOPK_TEXT_OPT,
     temp_audio: Optional[float] = TEMP_AUDIO_OPT, top_k_audio: Optional[int] = TOPK_AUDIO_OPT,
+    force: bool = FORCE_OPT,
     plugin: Optional[List[Path]] = PLUGIN_OPT,
     as_json: bool = JSON_OPT,
     json_out: Optional[Path] = JSON_OUT_OPT,
@@ -628,7 +648,7 @@ def baseline_create(
                          plugins=tuple(str(p) for p in plugin or []))
     progress, on_event = run_progress()
     with progress:
-        made = create_baseline(req, out, on_event)
+        made = create_baseline(req, out, on_event, force=force)
 
     def text() -> None:
         for v in made["expected"]["verdicts"]:
@@ -647,6 +667,7 @@ def inspect_cmd(
     plot: Optional[Path] = typer.Option(None, help="Write an entropy plot (PNG) here."),
     as_json: bool = JSON_OPT,
     json_out: Optional[Path] = JSON_OUT_OPT,
+    force: bool = typer.Option(False, help="Inspect --against a trace that is not comparable (says why)."),
 ) -> None:
     """Entropy, repeated-token runs, n-gram loops and text padding of one trace, per stream."""
     from .inspection import divergence, inspect_trace, plot_inspection
@@ -656,7 +677,7 @@ def inspect_cmd(
     result = inspect_trace(first)
     data = result.to_dict()
     if against is not None:
-        data["against"] = divergence(first, load_trace(against))
+        data["against"] = divergence(first, load_trace(against), force=force)
     at = (data.get("against") or {}).get("first_divergence")
     if plot is not None:
         plot_inspection(result, plot, at["step"] if at else None)
@@ -839,7 +860,25 @@ def main() -> None:
     import warnings
 
     warnings.showwarning = _one_line_warning
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # usage errors (a bad option value, a missing argument): one line
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            typer.echo(exc.format_message(), err=True)
+        else:
+            ctx, names = getattr(exc, "ctx", None), []
+            while ctx is not None and ctx.parent is not None:  # the subcommand's path, without the program name
+                names.insert(0, ctx.info_name)
+                ctx = ctx.parent
+            command = " ".join(names)
+            message = " ".join(exc.format_message().split())
+            typer.echo(f"error: {message.rstrip('.')}. Fix: see `xbackend {command + ' ' if command else ''}--help`.",
+                       err=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except typer.Abort:
+        typer.echo("error: aborted.", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

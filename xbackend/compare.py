@@ -3,6 +3,7 @@ process per backend, then diagnose."""
 
 from __future__ import annotations
 
+import io
 import os
 import shlex
 import sys
@@ -15,11 +16,13 @@ from typing import Callable
 import numpy as np
 
 from .backends import create_backend, load_plugin, require_available
-from .capture import CaptureRequest, check_request
+from .capture import CaptureRequest, check_request, trace_bytes
 from .diagnose import BackendRuns, arbiter_comparison, arbiter_distance, diagnose, repeatability
+from . import validate
 from .errors import BackendFailed, XBackendError
 from .codecs import describe_codec
 from .models import ModelRef, resolve_model, tiny_codec
+from .outdir import Claim, claim
 from .prompt import Prompt, load_prompt
 from .results import CompareReport, Repeatability, exit_code
 from .rundir import (ARBITER, FORCED, JOBS, PORTABLE, PROMPT_CODES, REPORT_JSON, TRACES, backend_dir,
@@ -27,7 +30,7 @@ from .rundir import (ARBITER, FORCED, JOBS, PORTABLE, PROMPT_CODES, REPORT_JSON,
 from .samplers import DEFAULT_SEED, SamplingSettings, parse_mode
 from .spec import parse_spec, parse_specs
 from .tolerances import tolerance
-from .trace import Trace, write_json_atomic
+from .trace import Trace, write_bytes_atomic, write_json_atomic
 from .words import run_words
 from .worker import RunOutcome, prepare_worker, request_to_json, run_worker
 
@@ -133,24 +136,12 @@ def resolve_arbiter(choice: str | None, model: ModelRef) -> tuple[str | None, st
     return DEFAULT_ARBITER, None
 
 
-def start_run(req: CompareRequest, base: CaptureRequest, out: Path) -> tuple[ModelRef, Prompt, CaptureRequest]:
-    """Resolve the model, encode the prompt once, and take `out` over for this run: what an earlier
-    run wrote there goes, and the prompt codes every backend will receive are written."""
-    model = resolve_model(req.model, req.model_config)
-    if req.decode_audio and model.dep_q:
-        check_decoder(req.codec, model)  # before anything is written: a codec that cannot decode is bad input
-    prompt = load_prompt(req.prompt, model, req.steps)
-    out.mkdir(parents=True, exist_ok=True)
-    clear_previous_run(out)
-    np.save(out / PROMPT_CODES, prompt.codes)
-    return model, prompt, replace(base, prompt=str(out / PROMPT_CODES))
-
-
 def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None = None,
-                min_backends: int = 1) -> CompareReport:
+                min_backends: int = 1, *, force: bool = False) -> CompareReport:
     """Run every backend through the protocol and write `report.json` (and audio) to `out`.
 
-    With one backend only its repeatability is measured (what a one-backend baseline needs)."""
+    With one backend only its repeatability is measured (what a one-backend baseline needs).
+    `out` must be new, empty or an earlier run directory, and not in use (see `outdir.claim`)."""
     started = time.perf_counter()
     out = Path(out)
     specs = parse_specs(",".join(req.backends))
@@ -158,25 +149,63 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
         raise XBackendError(f"compare needs at least {min_backends} backends, got {len(specs)} ({','.join(req.backends)})",
                             fix="name a reference and at least one other, e.g. --backends cpu,mlx:cpu; "
                                 "for one backend's repeatability use `xbackend repeat`")
-    if req.repeats < 1:
-        raise XBackendError(f"--repeats must be at least 1, got {req.repeats}")
-    if req.timeout <= 0:
-        raise XBackendError(f"--timeout must be positive, got {req.timeout}")
+    base = _check(req)
     free_run_sampler(req)  # a sampler the free runs cannot use is bad input, found before anything runs
+    for spec in specs:
+        create_backend(spec)  # a spec no backend takes (cpu:gpu, mlx:fp64) is bad input, found before --out is touched
+    labels = unique_labels([str(s) for s in specs])
+    prepared = {labels[0]: prepare_worker(str(specs[0]))}  # imports its libraries while the prompt is encoded
+    try:
+        model, prompt = _resolve(req, out)
+        runs_per_backend = req.repeats + 2  # native repeats, portable, forced
+        validate.disk_space(out, sum(trace_bytes(model, req.steps, s.dtype) for s in specs) * runs_per_backend,
+                            f"the traces of {len(specs)} backends x {runs_per_backend} runs x {req.steps} steps")
+        with claim(out, "run", force=force) as claimed:
+            base = start_run(claimed, prompt, base)
+            return _run_backends(req, out, model, prompt, base, specs, labels, prepared, on_event, started)
+    finally:
+        for proc in prepared.values():  # prepared for a backend that never ran (unavailable, or an error)
+            proc.kill()
+            proc.wait()
+
+
+def _check(req: CompareRequest, repeats: tuple[str, int] = ("--repeats", 1)) -> CaptureRequest:
+    """The numbers, plugins and names of a request, checked before any worker starts."""
+    validate.repeats(req.repeats, *repeats)
+    validate.timeout(req.timeout)
     for plugin in req.plugins:
         load_plugin(plugin)
     base = CaptureRequest(backend="", model=req.model, model_config=req.model_config, seed=req.seed,
                           steps=req.steps, alignment=req.alignment, settings=req.settings)
     check_request(base)
-    labels = unique_labels([str(s) for s in specs])
-    prepared = {labels[0]: prepare_worker(str(specs[0]))}  # imports its libraries while the prompt is encoded
-    try:
-        model, prompt, base = start_run(req, base, out)
-        return _run_backends(req, out, model, prompt, base, specs, labels, prepared, on_event, started)
-    finally:
-        for proc in prepared.values():  # prepared for a backend that never ran (unavailable, or an error)
-            proc.kill()
-            proc.wait()
+    return base
+
+
+def _resolve(req: CompareRequest, out: Path) -> tuple[ModelRef, Prompt]:
+    """The model, its decoder and the prompt: what a worker would trip over, found here first."""
+    model = resolve_model(req.model, req.model_config)
+    if req.decode_audio and model.dep_q:
+        check_decoder(req.codec, model)  # before anything is written: a codec that cannot decode is bad input
+    if out.exists() and not out.is_dir():
+        raise XBackendError(f"--out {out} exists and is not a directory", fix="pass a directory path to --out")
+    return model, load_prompt(req.prompt, model, req.steps)
+
+
+def save_codes(out: Path, codes: np.ndarray) -> str:
+    """The prompt codes every worker reads, as `out/prompt_codes.npy` (atomic, through no link)."""
+    buf = io.BytesIO()
+    np.save(buf, codes, allow_pickle=False)
+    write_bytes_atomic(out / PROMPT_CODES, buf.getvalue())
+    return str(out / PROMPT_CODES)
+
+
+def start_run(claimed: Claim, prompt: Prompt, base: CaptureRequest) -> CaptureRequest:
+    """Take the claimed `--out` over for this run: what an earlier xbackend run wrote there goes (only
+    in a directory xbackend made, never in one taken with --force), and the prompt codes every
+    backend will receive are written."""
+    if claimed.owned:
+        clear_previous_run(claimed.path)
+    return replace(base, prompt=save_codes(claimed.path, prompt.codes))
 
 
 def _run_backends(req: CompareRequest, out: Path, model: ModelRef, prompt, base: CaptureRequest, specs,
@@ -236,14 +265,15 @@ def _run_backends(req: CompareRequest, out: Path, model: ModelRef, prompt, base:
         trace = (runs[label].native or [None])[0]
         entry["env"] = trace.meta.get("env") if trace is not None else None
     report = build_report(req, model, prompt, labels, backends, runs, arbiter, arbiter_trace)
-    codec = None
+    report = replace(report, words=run_words({label: named_runs(r) for label, r in runs.items()}, labels[0]),
+                     timing=timing(runs, time.perf_counter() - started, arbiter_trace, workers_s))
+    write_json_atomic(out / REPORT_JSON, report.to_dict())  # before any optional stage: a late failure loses nothing
     if audio is not None:
         codec = {"spec": req.codec, "used_for": "decoding each backend's audio tokens to audio/*.wav",
                  **describe_codec(model.codec or tiny_codec())}
-    report = replace(report, audio=audio.results(runs) if audio is not None else None, codec=codec,
-                     words=run_words({label: named_runs(r) for label, r in runs.items()}, labels[0]),
-                     timing=timing(runs, time.perf_counter() - started, arbiter_trace, workers_s))
-    write_json_atomic(out / REPORT_JSON, report.to_dict())
+        report = replace(report, audio=audio.results(runs), codec=codec,
+                         timing=timing(runs, time.perf_counter() - started, arbiter_trace, workers_s))
+        write_json_atomic(out / REPORT_JSON, report.to_dict())
     return report
 
 
@@ -349,7 +379,7 @@ class AudioDecoder:
         return handler
 
     def decode(self, label: str, path: Path) -> str | None:
-        from .audio import tokens_to_wav
+        from . import audio
         from .rundir import AUDIO
 
         trace = load_partial(path)
@@ -357,9 +387,11 @@ class AudioDecoder:
             return None
         wav = self.out / AUDIO / f"{safe_name(label)}.wav"
         try:
-            tokens_to_wav(self.model, trace, wav, self.codec)
+            audio.tokens_to_wav(self.model, trace, wav, self.codec)
         except XBackendError as exc:
             return f"not decoded: {exc}"
+        except Exception as exc:  # noqa: BLE001 - an optional stage: its failure is a note, never a lost run
+            return f"not decoded: the codec failed ({type(exc).__name__}: {str(exc)[:200]})"
         return str(wav.relative_to(self.out))
 
     def results(self, runs: dict[str, BackendRuns]) -> dict:
@@ -406,7 +438,8 @@ class RepeatResult:
                 "exit_code": self.exit_code}
 
 
-def run_repeat(req: CompareRequest, out: str | Path, on_event: EventFn | None = None) -> RepeatResult:
+def run_repeat(req: CompareRequest, out: str | Path, on_event: EventFn | None = None, *,
+               force: bool = False) -> RepeatResult:
     """Run one backend `req.repeats` times, same seed and inputs: is it bitwise repeatable?"""
     out = Path(out)
     specs = parse_specs(",".join(req.backends))
@@ -414,19 +447,21 @@ def run_repeat(req: CompareRequest, out: str | Path, on_event: EventFn | None = 
         raise XBackendError(f"repeat runs one backend, got {len(specs)} ({','.join(req.backends)})",
                             fix="pass one spec, e.g. --backend mps; to compare backends use `xbackend compare`")
     (spec,) = specs
-    for plugin in req.plugins:
-        load_plugin(plugin)
-    base = CaptureRequest(backend=str(spec), model=req.model, model_config=req.model_config, prompt=req.prompt,
-                          seed=req.seed, steps=req.steps, alignment=req.alignment, settings=req.settings,
-                          sampler=req.sampler or "native")
+    base = replace(_check(req, repeats=("--runs", 2)), backend=str(spec), sampler=req.sampler or "native")
     check_request(base)
     if parse_mode(base.sampler)[0] == "forced":
         raise XBackendError("repeat cannot use the forced sampler", asked=f"--sampler {base.sampler}",
                             fix="pass --sampler native, portable, greedy or candle")
-    if req.repeats < 2:
-        raise XBackendError(f"--runs must be at least 2 to say anything about repeatability, got {req.repeats}")
     require_available(create_backend(spec))
-    model, prompt, base = start_run(req, base, out)
+    model, prompt = _resolve(req, out)
+    validate.disk_space(out, trace_bytes(model, req.steps, spec.dtype) * req.repeats,
+                        f"the traces of {req.repeats} runs x {req.steps} steps")
+    with claim(out, "repeat", force=force) as claimed:
+        return _repeat(req, out, on_event, spec, model, start_run(claimed, prompt, base))
+
+
+def _repeat(req: CompareRequest, out: Path, on_event: EventFn | None, spec, model: ModelRef,
+            base: CaptureRequest) -> RepeatResult:
     label = str(spec)
     runs = [{"name": f"{label}/run-{i}", "out": str(out / TRACES / f"run-{i}"),
              "request": request_to_json(replace(base, run_index=i))} for i in range(req.repeats)]
@@ -465,6 +500,8 @@ def repeat_words(model: ModelRef, traces: list[Trace], out: Path, decode: bool =
                 samples = decode_trace(model, trace)
             except XBackendError as exc:
                 row["audio"] = f"not decoded: {exc}"
+            except Exception as exc:  # noqa: BLE001 - an optional stage: its failure is a note, never a lost run
+                row["audio"] = f"not decoded: the codec failed ({type(exc).__name__}: {str(exc)[:200]})"
             else:
                 path = out / AUDIO / f"run-{i}.wav"
                 path.parent.mkdir(parents=True, exist_ok=True)

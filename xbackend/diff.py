@@ -27,7 +27,7 @@ from .metrics import (METRICS, StepMetrics, Summary, bitwise_equal_steps, drift_
 from .results import Point, exit_code, where
 from .samplers import SamplingSettings, describe_identity, shares_sampler
 from .tolerances import tier_of, tolerance
-from .trace import Trace, load_trace
+from .trace import Trace, load_trace, logical_dtype
 
 SCHEMA = "xbackend.diff/1"
 _MISSING = object()
@@ -314,8 +314,8 @@ def _notes(a: Trace, b: Trace, n: int) -> list[str]:
         notes.append("no step to compare: every figure is empty")
     elif a.steps != b.steps:
         notes.append(f"A has {a.steps} steps and B {b.steps}: compared their common first {n}")
-    if a.meta.get("logits_dtype") != b.meta.get("logits_dtype"):
-        notes.append(f"logits are stored as {a.meta.get('logits_dtype')} in A and {b.meta.get('logits_dtype')} "
+    if logical_dtype(a.logits_dtype) != logical_dtype(b.logits_dtype):
+        notes.append(f"logits are {logical_dtype(a.logits_dtype).name} in A and {logical_dtype(b.logits_dtype).name} "
                      "in B: digests can never match")
     da, db = a.meta.get("delays"), b.meta.get("delays")
     if da is not None and db is not None and da != db:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics, words
+from .errors import XBackendError
 from .trace import Trace
 
 LOOP_MIN_REPEATS = 3
@@ -159,12 +160,26 @@ def inspect_trace(trace: Trace) -> Inspection:
                       trace.steps, pad, ratio, tuple(summaries), trace.text())
 
 
-def divergence(a: Trace, b: Trace, after: int = AFTER) -> dict:
-    """Where two traces first sampled different tokens, and what each sampled from there on."""
+def divergence(a: Trace, b: Trace, after: int = AFTER, *, force: bool = False) -> dict:
+    """Where two traces first sampled different tokens, and what each sampled from there on.
+
+    The same comparability check as `diff`: traces of different models, prompts or settings are
+    refused unless `force` (then the reasons are returned with the result)."""
+    from .diff import comparability
+
+    reasons = comparability(a, b)
+    if reasons and not force:
+        raise XBackendError(f"Traces {a.path} and {b.path} are not comparable: " + "; ".join(reasons),
+                            fix="inspect against a trace of the same model, prompt, seed and settings, "
+                                "or pass --force (force=True)")
+    if a.streams != b.streams or a.vocab != b.vocab:
+        raise XBackendError(f"Traces {a.path} and {b.path} cannot be compared even by force: streams "
+                            f"{a.streams} / {list(a.vocab.values())} vs {b.streams} / {list(b.vocab.values())}",
+                            fix="inspect against a trace of the same model")
     n = min(a.steps, b.steps)
     found = metrics.first_token_divergence(a, b)
     out = {"against": str(b.path), "steps_compared": n, "first_divergence": None, "after": {},
-           "words": {"a": a.text(), "b": b.text()}}
+           "words": {"a": a.text(), "b": b.text()}, "not_comparable": reasons}
     if found is None:
         return out
     step, stream = found
@@ -187,6 +202,11 @@ def plot_inspection(result: Inspection, path: str | Path, diverged_at: int | Non
     import matplotlib.pyplot as plt
 
     path = Path(path)
+    if not path.parent.is_dir():  # never create folders the user did not ask for (/nonexistent/dir)
+        raise XBackendError(f"Cannot write plot {path}: folder {path.parent} does not exist",
+                            fix="create the folder first, or pass a path in an existing one")
+    if path.is_dir():
+        raise XBackendError(f"Cannot write plot {path}: it is a directory", fix="pass a file name ending in .png")
     fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True, constrained_layout=True)
     audio = [s for s in result.streams if s.stream != "text"]
     colors = dict(zip([s.stream for s in audio], plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(audio), 1)))))
@@ -207,7 +227,7 @@ def plot_inspection(result: Inspection, path: str | Path, diverged_at: int | Non
     axes[0].set_title(f"{result.backend or Path(result.path).name}: {result.steps} steps"
                       + (f", diverges at step {diverged_at}" if diverged_at is not None else ""), fontsize=10)
     axes[1].set_xlabel("step (80 ms)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    from .report import save_figure
+
+    save_figure(fig, path)
     return path

@@ -59,7 +59,7 @@ import numpy as np
 
 from .errors import XBackendError
 from .samplers import SamplingSettings, effective_top_k
-from .trace import Trace
+from .trace import LOGITS_DTYPES, Trace, decode_logits
 
 METRICS = ("max_abs", "rms", "kl", "dp_ref", "top1", "topk_overlap", "margin_a", "margin_b")
 PERCENTILES = {"median": 50.0, "p90": 90.0, "p99": 99.0, "p999": 99.9}
@@ -329,6 +329,16 @@ def logits_file(trace: Trace, stream: str) -> Path:
     return Path(trace.path) / f"logits-{stream}.bin"
 
 
+class _Decoded:
+    """Rows of a 2-byte trace, widened to float32 as they are sliced (the file stays mapped, not copied)."""
+
+    def __init__(self, raw: np.ndarray, stored: str):
+        self.raw, self.stored, self.shape = raw, stored, raw.shape
+
+    def __getitem__(self, index) -> np.ndarray:
+        return decode_logits(self.raw[index], self.stored)
+
+
 class _Mapped:
     """Read-only maps of a trace's logits files: rows come straight from the page cache, no copy."""
 
@@ -336,7 +346,11 @@ class _Mapped:
         self.rows: dict[str, np.ndarray] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self._row_bytes: dict[str, int] = {}
-        dtype = np.dtype(trace.meta["logits_dtype"])
+        if not trace.has_logits:
+            raise XBackendError(f"Trace {trace.path} holds tokens only (has_logits is false): no logits to compare",
+                                fix="compare its tokens, or replay it on a backend to get logits")
+        stored = trace.logits_dtype
+        dtype = LOGITS_DTYPES[stored]
         for stream, vocab in trace.vocab.items():
             self._row_bytes[stream] = vocab * dtype.itemsize
             if steps == 0 or vocab == 0:
@@ -350,7 +364,8 @@ class _Mapped:
                                         fix="reload the trace: it was truncated after it was loaded")
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps[stream] = mapped
-            self.rows[stream] = np.frombuffer(mapped, dtype=dtype, count=steps * vocab).reshape(steps, vocab)
+            raw = np.frombuffer(mapped, dtype=dtype, count=steps * vocab).reshape(steps, vocab)
+            self.rows[stream] = raw if stored in ("float32", "float64") else _Decoded(raw, stored)
 
     def prefetch(self, stream: str, s0: int, s1: int) -> None:
         """Start reading rows s0:s1 from disk in the background (madvise WILLNEED) where supported."""

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
+from .errors import XBackendError
 from .markdown import details, md_table
 from .results import Point, Verdict, where
 from .rundir import FORCED, NATIVE_0, PORTABLE, PROMPT_CODES, REPORT_JSON, RunDir, load_run, native, safe_name
 from .samplers import SamplingSettings
-from .trace import Trace, TraceWriter
+from .trace import Trace, TraceWriter, write_bytes_atomic
 
 __all__ = ["RunDir", "load_run", "write_report", "softmax", "BUNDLE_LIMIT", "TOP", "WINDOW"]
 
@@ -108,7 +109,7 @@ def step_view(trace: Trace | None, backend: str, run: str, step: int, stream: st
               ref_token: int | None, k: int = TOP) -> StepView:
     """Top-k tokens with their probabilities (full softmax at the stream's temperature), and the
     rank (1 = most likely) and probability of the token the reference took."""
-    if trace is None or step >= trace.steps:
+    if trace is None or step >= trace.steps or stream not in trace.streams or not trace.has_logits:
         return StepView(backend, run, step, stream, float("nan"), None)
     col = trace.streams.index(stream)
     temp = temperature(trace, stream)
@@ -164,7 +165,8 @@ def divergences(run: RunDir) -> list[Divergence]:
     for (step, stream, kind, pairs), quoted in groups.items():
         traces = {pair: run.trace(*pair) for pair in pairs}
         ref = traces[pairs[0]]
-        ref_token = int(ref.tokens[step, ref.streams.index(stream)]) if ref is not None and step < ref.steps else None
+        ref_token = (int(ref.tokens[step, ref.streams.index(stream)])
+                     if ref is not None and step < ref.steps and stream in ref.streams else None)
         views = tuple(step_view(traces[(b, r)], b, r, step, stream, ref_token) for b, r in pairs)
         out.append(Divergence(tuple(quoted), step, stream, kind, EVIDENCE[kind], views))
     return out
@@ -176,7 +178,9 @@ def divergences(run: RunDir) -> list[Divergence]:
 def forced_drift(run: RunDir, label: str) -> metrics.StepMetrics | None:
     """Teacher-forced drift of one backend against the reference (None when a run is missing)."""
     ref, other = run.trace(run.reference, NATIVE_0), run.trace(label, FORCED)
-    if ref is None or other is None or min(ref.steps, other.steps) == 0:
+    if ref is None or other is None or min(ref.steps, other.steps) == 0 or not (ref.has_logits and other.has_logits):
+        return None
+    if ref.streams != other.streams or ref.vocab != other.vocab:
         return None
     return metrics.step_metrics(ref, other)
 
@@ -234,9 +238,18 @@ def plot_drift(m: metrics.StepMetrics, path: Path, title: str, marks: list[tuple
     axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     axes[1].set_xlabel("step (80 ms)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
+
+
+def save_figure(fig, path: Path) -> None:
+    """A PNG written whole, through no link (a planted link must not redirect the write)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def write_plots(run: RunDir) -> dict[str, Path]:
@@ -285,8 +298,7 @@ class BundlePlan:
 def row_bytes(trace: Trace) -> int:
     """Bytes one step takes in a trace directory."""
     n = len(trace.streams)
-    return (sum(trace.meta["vocab"]) * np.dtype(trace.meta["logits_dtype"]).itemsize
-            + 8 * n + 4 * int(trace.meta["n_inputs"]) + 33)
+    return sum(trace.meta["vocab"]) * trace.logits_itemsize + 8 * n + 4 * int(trace.meta["n_inputs"]) + 33
 
 
 def _wanted(run: RunDir, half: int) -> list[Window]:
@@ -355,15 +367,16 @@ def trim_trace(trace: Trace, start: int, stop: int, out: Path) -> Path:
     """Write steps [start, stop) of `trace` as a trace directory of its own, meta kept and the
     offset recorded as `trimmed_from` (step 0 of the copy is step `start` of the original)."""
     stop = min(stop, trace.steps)
-    meta = {k: v for k, v in trace.meta.items() if k not in ("schema", "streams", "vocab", "n_inputs",
+    meta = {k: v for k, v in trace.meta.items() if k not in ("schema", "streams", "vocab", "n_inputs", "has_logits",
                                                              "logits_dtype", "status", "steps", "error")}
     meta["trimmed_from"] = {"start": int(start), "steps": int(stop - start), "original_steps": int(trace.steps),
                             "original": str(trace.path)}
     writer = TraceWriter(out, meta, trace.streams, [int(v) for v in trace.meta["vocab"]],
-                         int(trace.meta["n_inputs"]), trace.meta["logits_dtype"])
-    columns = [trace.logits(s) for s in trace.streams]
+                         int(trace.meta["n_inputs"]), trace.logits_dtype if trace.has_logits else "float32",
+                         has_logits=trace.has_logits)
+    columns = [trace.logits(s) for s in trace.streams] if trace.has_logits else None
     for step in range(start, stop):
-        writer.write_step([c[step] for c in columns], [int(t) for t in trace.tokens[step]],
+        writer.write_step([c[step] for c in columns] if columns else None, [int(t) for t in trace.tokens[step]],
                           [float(x) for x in trace.margins[step]], trace.inputs[step])
     status = trace.meta.get("status", "complete")
     writer.close(status if status != "running" else "interrupted", error=trace.meta.get("error"))
@@ -372,17 +385,27 @@ def trim_trace(trace: Trace, start: int, stop: int, out: Path) -> Path:
 
 def write_bundle(run: RunDir, plan: BundlePlan, files: list[Path], path: Path) -> Path:
     """`files` (paths inside the run directory) and the planned trimmed traces, as one tar.gz."""
-    with tempfile.TemporaryDirectory(prefix="xbackend-bundle-") as tmp, tarfile.open(path, "w:gz") as tar:
-        for f in files:
-            tar.add(f, arcname=f"{BUNDLE_ROOT}/{f.relative_to(run.path).as_posix()}")
-        for w in plan.windows:
-            local = trim_trace(run.trace(w.backend, w.run), w.start, w.stop, Path(tmp) / w.arcname())
-            tar.add(local, arcname=f"{BUNDLE_ROOT}/{w.arcname()}")
-        readme = _bundle_readme(plan).encode()
-        info = tarfile.TarInfo(f"{BUNDLE_ROOT}/README.txt")
-        info.size = len(readme)
-        tar.addfile(info, io.BytesIO(readme))
+    with tempfile.TemporaryDirectory(prefix="xbackend-bundle-") as tmp:
+        part = Path(tmp) / "bundle.tar.gz"
+        with tarfile.open(part, "w:gz") as tar:
+            _fill_bundle(tar, run, plan, files, Path(tmp))
+        write_bytes_atomic(path, part.read_bytes())  # never through a link planted at bundle.tar.gz
     return path
+
+
+def _fill_bundle(tar: tarfile.TarFile, run: RunDir, plan: BundlePlan, files: list[Path], tmp: Path) -> None:
+    for f in files:
+        if f.is_symlink() or not f.is_file():  # a link would put another file's content in a public bundle
+            raise XBackendError(f"{f} is a symbolic link or not a regular file; bundles hold no links",
+                                fix="replace it by a regular file, or delete it")
+        tar.add(f, arcname=f"{BUNDLE_ROOT}/{f.relative_to(run.path).as_posix()}", recursive=False)
+    for w in plan.windows:
+        local = trim_trace(run.trace(w.backend, w.run), w.start, w.stop, tmp / w.arcname())
+        tar.add(local, arcname=f"{BUNDLE_ROOT}/{w.arcname()}")
+    readme = _bundle_readme(plan).encode()
+    info = tarfile.TarInfo(f"{BUNDLE_ROOT}/README.txt")
+    info.size = len(readme)
+    tar.addfile(info, io.BytesIO(readme))
 
 
 def _bundle_readme(plan: BundlePlan) -> str:
@@ -628,14 +651,17 @@ class ReportFiles:
 def write_report(run_dir: str | Path, limit: int = BUNDLE_LIMIT) -> ReportFiles:
     """Write `report.md`, the drift plots and `bundle.tar.gz` into a run directory from `compare`."""
     run = load_run(run_dir)
+    if (run.path / PLOTS).is_symlink():
+        raise XBackendError(f"{run.path / PLOTS} is a symbolic link; report writes through none",
+                            fix="remove the link (report recreates the folder)")
     plots = write_plots(run)
     divs = divergences(run)
     extras = [run.path / REPORT_JSON, *plots.values()]
-    if (run.path / PROMPT_CODES).is_file():
+    if (run.path / PROMPT_CODES).is_file() and not (run.path / PROMPT_CODES).is_symlink():
         extras.append(run.path / PROMPT_CODES)
     budget = limit - _MD_RESERVE - sum(p.stat().st_size + 1024 for p in extras)
     plan = plan_bundle(run, budget)
     md = run.path / REPORT_MD
-    md.write_text(render_markdown(run, divs, plots, plan))
+    write_bytes_atomic(md, render_markdown(run, divs, plots, plan).encode())
     bundle = write_bundle(run, plan, [md, *extras], run.path / BUNDLE)
     return ReportFiles(md, tuple(plots.values()), bundle, bundle.stat().st_size, plan)

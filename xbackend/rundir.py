@@ -148,8 +148,12 @@ class RunDir:
         return self.report.reference
 
     def trace_dir(self, label: str, run: str) -> Path:
+        """Where report.json says a run's trace is: a path from untrusted metadata, so it must stay
+        inside the run directory (no absolute path, no `..`, no link on the way)."""
+        from .outdir import inside
+
         rel = self.report.traces.get(label, str(Path(TRACES) / safe_name(label)))
-        return self.path / rel / run
+        return inside(self.path, f"{rel}/{run}", f"report.json's trace path of {label}")
 
     def trace(self, label: str, run: str) -> Trace | None:
         """A trace as far as it got, or None when that run wrote nothing."""
@@ -163,12 +167,20 @@ def load_run(path: str | Path) -> RunDir:
     if not file.is_file():
         raise XBackendError(f"No {REPORT_JSON} in {path}", asked=f"`report` reads {file}, written by `compare`",
                             fix=f"run xbackend compare first, e.g. `xbackend compare --backends cpu,mlx:cpu --out {path}`")
+    if file.is_symlink():
+        raise XBackendError(f"{file} is a symbolic link; run directories are read without following links",
+                            fix="replace the link by the file itself")
     try:
-        data = json.loads(file.read_text())
-    except ValueError as exc:
-        raise XBackendError(f"{file} is not valid JSON ({exc})", fix="run xbackend compare again") from None
-    if not isinstance(data, dict):
-        raise XBackendError(f"{file} is not a JSON object", fix="run xbackend compare again")
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise XBackendError(f"{file} is not valid UTF-8 JSON ({str(exc)[:120]})", fix="run xbackend compare again") from None
+    if not isinstance(data, dict) or data.get("schema") != "xbackend.report/1":
+        schema = data.get("schema") if isinstance(data, dict) else None
+        raise XBackendError(f"{file} has schema {schema!r}, expected 'xbackend.report/1'",
+                            fix="run xbackend compare again with this version of xbackend")
+    from . import validate
+
+    data = validate.report_json(str(file), data)
     try:
         return RunDir(path, CompareReport.from_dict(data))
     except XBackendError as exc:

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .samplers import DEFAULT_SEED, SAMPLER_IDENTITIES, Sampler, SamplingSettings
-from .trace import Trace, TraceWriter, load_trace
+from .trace import Trace, TraceWriter, load_trace, round_logits
 
 MOSHI_7B_VOCAB = (32000,) + (2048,) * 8  # text_card 32000, dep_q 8 audio codebooks of 2048
 SYNTHETIC_SEED = DEFAULT_SEED  # the trace's recorded run seed (capture's default)
@@ -61,7 +61,7 @@ def write_trace(path: str | Path, logits: Sequence[np.ndarray], *, tokens: np.nd
     steps = logits[0].shape[0]
     streams = streams or stream_names(len(logits))
     if tokens is None or margins is None:
-        pairs = [greedy_margins(x.astype(logits_dtype)) for x in logits]
+        pairs = [greedy_margins(round_logits(x, logits_dtype)) for x in logits]
         tokens = np.stack([t for t, _ in pairs], axis=1) if tokens is None else tokens
         margins = np.stack([m for _, m in pairs], axis=1) if margins is None else margins
     writer = TraceWriter(Path(path), meta if meta is not None else default_meta(), streams,
@@ -115,7 +115,7 @@ def synthetic_trace(path: str | Path, *, steps: int, vocab: Sequence[int] = MOSH
                 z = z + np.float32(noise) * drift.standard_normal(v, dtype=np.float32)
             if edit is not None:
                 z = np.asarray(edit(s, k, z.copy()))
-            rows.append(z.astype(logits_dtype))
+            rows.append(round_logits(z, logits_dtype))
         if sampler == "greedy":
             decisions = [greedy_margins(r[None, :]) for r in rows]
             tokens = [int(t[0]) for t, _ in decisions]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import XBackendError
+from .trace import write_bytes_atomic
 
 STEP_EVERY = 0.25  # seconds between step events, so progress bars move without flooding the pipe
 
@@ -54,8 +56,13 @@ def worker_main(job_file: str) -> int:
     from .capture import check_request, open_backend, run_loaded
 
     job = json.loads(Path(job_file).read_text())
-    for plugin in job.get("plugins", []):
-        load_plugin(plugin)
+    try:
+        for plugin in job.get("plugins", []):
+            load_plugin(plugin)
+    except XBackendError as exc:
+        first = job["runs"][0]["name"] if job["runs"] else "?"
+        emit(event="failed", name=first, error=str(exc), exit_code=exc.exit_code)
+        return exc.exit_code
     sessions: dict[tuple, object] = {}
     for run in job["runs"]:
         emit(event="start", name=run["name"])
@@ -108,7 +115,7 @@ def run_worker(job: dict, job_file: Path, timeout: float,
     """Run `job` in a worker process (`prepared` by `prepare_worker`, or a new `python -m module
     JOBFILE`, speaking the events above); each run gets `timeout` seconds, after which the process
     is killed."""
-    job_file.write_text(json.dumps(job, indent=2))
+    write_bytes_atomic(job_file, json.dumps(job, indent=2).encode())
     if prepared is not None and prepared.poll() is None:
         proc = prepared
         try:
@@ -153,18 +160,35 @@ def run_worker(job: dict, job_file: Path, timeout: float,
         if on_event:
             on_event(event)
     proc.wait()
-    if current is not None:  # the process died inside a run: a crash
+    died = None
+    if current is None and not outcomes and job["runs"]:
+        current = job["runs"][0]["name"]  # it died before its first run began (at spawn, or loading plugins)
+        died = "before its first run started"
+    if current is not None and current not in outcomes:  # the process died inside a run: a crash
         tail = [x.strip() for x in stderr if x.strip()]
-        why = tail[-1] if tail else "no message"
+        why = tail[-1][:300] if tail else "no message"
         outcomes[current] = RunOutcome(current, _out(job, current), "failed",
-                                       f"process died with exit code {proc.returncode} ({why})", 3)
+                                       f"worker process {_death(proc.returncode)}{' ' + died if died else ''} "
+                                       f"({why})", 3)
+    cause = next((o for o in outcomes.values() if o.status != "ok"), None)
     result = []
     for run in job["runs"]:
-        result.append(outcomes.get(run["name"]) or RunOutcome(run["name"], run["out"], "skipped",
-                                                               "not run: the backend failed earlier", 3))
+        note = (f"not run: the worker stopped after {cause.name} {cause.status} ({(cause.error or '')[:160]})"
+                if cause else f"not run: the worker process {_death(proc.returncode)} before it")
+        result.append(outcomes.get(run["name"]) or RunOutcome(run["name"], run["out"], "skipped", note, 3))
         if on_event and run["name"] not in outcomes:
             on_event({"event": "skipped", "name": run["name"]})
     return result
+
+
+def _death(returncode: int | None) -> str:
+    """How a worker process ended, in words: `killed by SIGKILL`, `exited with code 0`."""
+    if returncode is not None and returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
 
 
 def _out(job: dict, name: str) -> str:

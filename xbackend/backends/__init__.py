@@ -71,13 +71,18 @@ def load_plugin(path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise XBackendError(f"Plugin file {path} does not exist", fix="pass --plugin FILE.py")
+    if path.suffix != ".py":
+        raise XBackendError(f"Plugin {path} is not a Python file", fix="pass --plugin FILE.py")
     spec = importlib.util.spec_from_file_location(f"xbackend_plugin_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
+    except SystemExit as exc:  # a plugin may not end the command (exit 0 with nothing done)
+        raise XBackendError(f"Plugin {path} called sys.exit({exc.code!r}) while loading",
+                            fix="register backends in the plugin; do not exit") from None
     except Exception as exc:
-        raise XBackendError(f"Plugin {path} failed to load ({type(exc).__name__}: {exc})") from None
+        raise XBackendError(f"Plugin {path} failed to load ({type(exc).__name__}: {str(exc)[:300]})") from None
 
 
 def registered() -> list[str]:
