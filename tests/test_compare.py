@@ -407,3 +407,42 @@ def test_clearing_a_reused_run_directory_removes_only_what_xbackend_wrote(tmp_pa
     assert left == sorted(mine)
     assert not (out / "traces" / "cpu").exists() and not (out / "traces" / "mlx_cpu" / "native-0").exists()
     assert len(removed) == 3 * 7 + 1 + 4 + 2  # 3 traces of 7 files (2 streams), the job, 4 run files, audio and plot
+
+
+def test_a_reused_out_is_cleared_only_where_xbackend_made_it(tmp_path):
+    """Issue #9 and #15 together: an --out xbackend made loses the earlier run's traces; one taken
+    with --force keeps everything, on that run and every later one; one in use is refused."""
+    from types import SimpleNamespace
+
+    from xbackend.capture import CaptureRequest
+    from xbackend.compare import start_run
+    from xbackend.errors import XBackendError
+    from xbackend.outdir import claim
+    from xbackend.synthetic import synthetic_trace
+
+    prompt, base = SimpleNamespace(codes=np.zeros((2, 3), dtype=np.int64)), CaptureRequest(backend="cpu")
+
+    ours = tmp_path / "ours"
+    with claim(ours, "run") as c:
+        assert c.owned
+        synthetic_trace(ours / "traces" / "cpu" / "native-0", steps=2, vocab=(8, 8))
+        start_run(c, prompt, base)
+    with claim(ours, "run") as c:
+        assert c.owned
+        start_run(c, prompt, base)
+        with pytest.raises(XBackendError, match="in use by another xbackend run"):
+            claim(ours, "run")
+    assert not (ours / "traces").exists() and (ours / "prompt_codes.npy").is_file()
+
+    theirs = tmp_path / "theirs"
+    synthetic_trace(theirs / "traces" / "cpu" / "native-0", steps=2, vocab=(8, 8))  # e.g. unpacked from a bundle
+    (theirs / "report.md").write_text("my notes")
+    kept = sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file())
+    with pytest.raises(XBackendError, match="not written by xbackend"):
+        claim(theirs, "run")
+    for force in (True, False):  # forced once, the directory stays someone else's
+        with claim(theirs, "run", force=force) as c:
+            assert not c.owned
+            start_run(c, prompt, base)
+    left = sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file())
+    assert set(kept) <= set(left) and (theirs / "report.md").read_text() == "my notes"

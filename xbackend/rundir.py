@@ -64,7 +64,7 @@ def backend_dir(out: Path, label: str) -> Path:
     return Path(out) / TRACES / safe_name(label)
 
 
-_TRACE_FILES = re.compile(r"(meta\.json(\.tmp)?|digests\.txt|tokens\.bin|margins\.bin|inputs\.bin|logits-[^/]+\.bin)")
+_TRACE_FILES = re.compile(r"(\.xbackend|meta\.json(\.tmp)?|digests\.txt|tokens\.bin|margins\.bin|inputs\.bin|logits-[^/]+\.bin)")
 _RUN_FILES = (REPORT_JSON, "report.md", "repeat.json", "bundle.tar.gz", PROMPT_CODES)
 
 
