@@ -38,7 +38,7 @@ from .results import CompareReport, Point, Repeatability, Verdict, exit_code, wh
 from .rundir import FORCED, NATIVE_0, PORTABLE, PROMPT_CODES, TRACES, RunDir, load_partial, safe_name
 from .samplers import SamplingSettings
 from .tolerances import CHECK_TOLERANCES, load_tolerances, tier_of
-from .outdir import claim, inside
+from .outdir import claim, inside, read_json
 from .trace import Trace, load_trace, write_bytes_atomic, write_json_atomic
 
 BASELINE_SCHEMA = "xbackend.baseline/1"
@@ -157,14 +157,7 @@ def load_baseline(path: str | Path) -> dict:
     if not file.is_file():
         raise XBackendError(f"No {BASELINE_JSON} in {path}",
                             fix="make one with `xbackend baseline create --backends cpu,mlx:cpu --out DIR`")
-    if file.is_symlink():
-        raise XBackendError(f"{file} is a symbolic link; baselines are read without following links",
-                            fix="replace the link by the file itself")
-    try:
-        baseline = json.loads(file.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise XBackendError(f"{file} is not valid UTF-8 JSON ({str(exc)[:120]})",
-                            fix="recreate it with `xbackend baseline create`") from None
+    baseline = read_json(file, "baselines", fix="recreate it with `xbackend baseline create`")
     if not isinstance(baseline, dict) or baseline.get("schema") != BASELINE_SCHEMA:
         schema = baseline.get("schema") if isinstance(baseline, dict) else None
         raise XBackendError(f"{file} has schema {schema!r}, expected {BASELINE_SCHEMA!r}",

@@ -150,3 +150,14 @@ def inside(root: Path, rel, what: str) -> Path:
                                 asked="links are not followed, so nothing outside the directory is read",
                                 fix="replace the link by the files themselves")
     return path
+
+
+def read_json(file: Path, what: str, fix: str):
+    """An untrusted JSON file of a run directory or baseline: read through no link, UTF-8, parsed."""
+    if file.is_symlink():
+        raise XBackendError(f"{file} is a symbolic link; {what} are read without following links",
+                            fix="replace the link by the file itself")
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise XBackendError(f"{file} is not valid UTF-8 JSON ({str(exc)[:120]})", fix=fix) from None

@@ -167,13 +167,9 @@ def load_run(path: str | Path) -> RunDir:
     if not file.is_file():
         raise XBackendError(f"No {REPORT_JSON} in {path}", asked=f"`report` reads {file}, written by `compare`",
                             fix=f"run xbackend compare first, e.g. `xbackend compare --backends cpu,mlx:cpu --out {path}`")
-    if file.is_symlink():
-        raise XBackendError(f"{file} is a symbolic link; run directories are read without following links",
-                            fix="replace the link by the file itself")
-    try:
-        data = json.loads(file.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise XBackendError(f"{file} is not valid UTF-8 JSON ({str(exc)[:120]})", fix="run xbackend compare again") from None
+    from .outdir import read_json
+
+    data = read_json(file, "run directories", fix="run xbackend compare again")
     if not isinstance(data, dict) or data.get("schema") != "xbackend.report/1":
         schema = data.get("schema") if isinstance(data, dict) else None
         raise XBackendError(f"{file} has schema {schema!r}, expected 'xbackend.report/1'",
