@@ -156,5 +156,5 @@ def test_a_codec_that_does_not_fit_is_a_note_not_a_lost_run(tmp_path, monkeypatc
     monkeypatch.setattr(audio, "tokens_to_wav", crash)
     report = run_compare(CompareRequest(backends=("cpu", "cpu"), steps=4, repeats=1), out)
     saved = json.loads((out / "report.json").read_text())
-    assert saved["verdicts"] == report["verdicts"] and "codec exploded" in saved["audio"]["cpu"]
+    assert saved["verdicts"] == report.to_dict()["verdicts"] and "codec exploded" in saved["audio"]["cpu"]
     report_works(out)

@@ -198,7 +198,7 @@ def _mutate_report(run: Path, data: st.DataObject) -> None:
                                            ("backends", 0), ("failures", 0), ("request", "settings")]), label="where")
         node = report
         for key in path:
-            node = node[key] if isinstance(node, dict) or (isinstance(node, list) and key < len(node)) else None
+            node = node.get(key) if isinstance(node, dict) else node[key] if isinstance(node, list) and key < len(node) else None
             if node is None:
                 break
         if not isinstance(node, dict):

@@ -20,6 +20,7 @@ A TOML file overrides them: `[tolerances]` then `fp32 = 1e-5` ... (tiers only).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -28,7 +29,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-
 
 from . import metrics, validate
 from .compare import CompareRequest, EventFn, run_compare

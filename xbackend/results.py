@@ -193,7 +193,10 @@ class Verdict:
             return self.recorded_explanation
         from .explain import explain
 
-        return explain(self)
+        try:
+            return explain(self)
+        except (KeyError, TypeError, ValueError, IndexError):  # figures of a hand-edited report.json
+            return f"{self.verdict}: report.json records too few figures to explain it"
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "vs": self.vs, "verdict": self.verdict,
