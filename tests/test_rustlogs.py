@@ -214,7 +214,7 @@ def test_bad_and_partial_logs_are_one_line_exit_2(app_run, tmp_path):
     assert_clean_error(run_cli("import", str(tl), "--text-pattern", "Step (\\d+)", "--out", str(tmp_path / "l")), 2,
                        "no named group")
     assert_clean_error(run_cli("import", str(src), "--seed", "3", "--out", str(tmp_path / "x")), 2, "its own settings")
-    assert_clean_error(run_cli("replay", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")), 2, "meta.json")
+    assert_clean_error(run_cli("replay", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")), 2, "no such directory")
 
 
 def test_session_layout_round_trip_is_exact(app_run):
