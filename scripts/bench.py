@@ -40,12 +40,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from xbackend import DEFAULT_SEED, CaptureRequest, Job, Sampler, SamplingSettings, create_backend  # noqa: E402
-from xbackend.bench import bench_diff  # noqa: E402
-from xbackend.capture import LoadedBackend, run_loaded  # noqa: E402
-from xbackend.models import MOSHI_7B_CONFIG, ModelRef, resolve_model  # noqa: E402
-from xbackend.prompt import load_prompt  # noqa: E402
-from xbackend.synthetic import MOSHI_7B_VOCAB, synthetic_trace  # noqa: E402
-from xbackend.trace import TraceWriter, load_trace  # noqa: E402
+from xbackend.testing.bench import bench_diff  # noqa: E402
+from xbackend.capture.run import LoadedBackend, run_loaded  # noqa: E402
+from xbackend.capture.models import MOSHI_7B_CONFIG, ModelRef, resolve_model  # noqa: E402
+from xbackend.capture.prompt import load_prompt  # noqa: E402
+from xbackend.testing.traces import MOSHI_7B_VOCAB, synthetic_trace  # noqa: E402
+from xbackend.store.trace import TraceWriter, load_trace  # noqa: E402
 
 MODES = ("native", "portable", "greedy", "forced")
 SEED = DEFAULT_SEED

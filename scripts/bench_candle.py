@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from xbackend.candle import CandleSampler
+from xbackend.samplers.candle import CandleSampler
 
 
 def main() -> None:

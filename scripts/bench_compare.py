@@ -38,7 +38,7 @@ def make_checkpoint(directory: Path, device: str, dtype: str, seed: int, layers:
     from safetensors.torch import save_file
 
     from xbackend.backends.torch_backend import DTYPES
-    from xbackend.models import MIMI_NAME, MOSHI_7B_CONFIG, to_published_layout
+    from xbackend.capture.models import MIMI_NAME, MOSHI_7B_CONFIG, to_published_layout
 
     directory.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

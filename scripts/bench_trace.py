@@ -24,8 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from xbackend.synthetic import MOSHI_7B_VOCAB, synthetic_trace  # noqa: E402
-from xbackend.trace import load_trace  # noqa: E402
+from xbackend.testing.traces import MOSHI_7B_VOCAB, synthetic_trace  # noqa: E402
+from xbackend.store.trace import load_trace  # noqa: E402
 
 N_USER = 8
 
@@ -72,7 +72,7 @@ def main() -> None:
 
 
 def _to_bf16(step: int, stream: int, z: np.ndarray) -> np.ndarray:
-    from xbackend.trace import round_logits
+    from xbackend.store.trace import round_logits
 
     return round_logits(z, "bfloat16")
 

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench import SEED, capture_loaded, random_7b  # noqa: E402
 
 from xbackend import CaptureRequest, Sampler, SamplingSettings, capture, create_backend  # noqa: E402
-from xbackend.metrics import first_token_divergence, step_metrics  # noqa: E402
-from xbackend.trace import Trace  # noqa: E402
+from xbackend.analysis.metrics import first_token_divergence, step_metrics  # noqa: E402
+from xbackend.store.trace import Trace  # noqa: E402
 
 MODES = ("native", "portable", "greedy", "forced")
 

@@ -8,7 +8,7 @@ Never commit the file; tests make their own in a temporary directory.
 
 import argparse
 
-from xbackend.codecs.synthetic import random_mimi
+from xbackend.testing.mimi import random_mimi
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from xbackend.synthetic import MOSHI_7B_VOCAB
+from xbackend.testing.traces import MOSHI_7B_VOCAB
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "reference" / "models" / "tiny" / "model.safetensors"
@@ -112,7 +112,7 @@ def synthetic_run(root: Path, steps: int = 100, vocab=MOSHI_7B_VOCAB) -> Path:
     """A run directory as `compare` writes it, without a model: three backends (cpu, mps, mlx) with
     planted drift, mps diverging at step 30 (portable) and mlx at step 80 (native), and a hand-built
     report.json. Numpy only, so the core install can read it too."""
-    from xbackend.synthetic import default_meta, synthetic_trace
+    from xbackend.testing.traces import default_meta, synthetic_trace
 
     def spike(at_step, at_stream, token):
         def edit(step, stream, z):

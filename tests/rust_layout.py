@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xbackend.rustlogs import steps_to_session
+from xbackend.rust.logs import steps_to_session
 
 
 def rust_config(model, acoustic_delay: int) -> dict:

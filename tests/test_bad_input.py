@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xbackend.models import TINY
-from xbackend.synthetic import synthetic_trace
+from xbackend.capture.models import TINY
+from xbackend.testing.traces import synthetic_trace
 
 from .helpers import assert_clean_error, needs_tiny, run_cli
 
@@ -319,10 +319,10 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, name):
 
 
 def test_a_run_that_cannot_fit_on_the_disk_is_refused_before_it_starts(tmp_path):
-    from xbackend import validate
-    from xbackend.capture import trace_bytes
+    from xbackend.store import validate
+    from xbackend.capture.run import trace_bytes
     from xbackend.errors import XBackendError
-    from xbackend.models import MOSHI_7B_CONFIG, resolve_model
+    from xbackend.capture.models import MOSHI_7B_CONFIG, resolve_model
 
     tiny = resolve_model("tiny")
     seven_b = type(tiny)(**{**tiny.__dict__, "config": MOSHI_7B_CONFIG})

@@ -1,9 +1,9 @@
-"""`xbackend.bench`: the diff throughput harness reports both speeds over the bytes it read."""
+"""`xbackend.testing.bench`: the diff throughput harness reports both speeds over the bytes it read."""
 
 import pytest
 
-from xbackend.bench import bench_diff
-from xbackend.synthetic import synthetic_trace
+from xbackend.testing.bench import bench_diff
+from xbackend.testing.traces import synthetic_trace
 
 
 def test_bench_diff_reports_both_speeds(tmp_path):

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import xbackend
-from xbackend import candle
-from xbackend.candle import CandleSampler, StdRng, expf, select_nth_unstable_desc, softmax_f32, weighted_index
+from xbackend.samplers import candle
+from xbackend.samplers.candle import CandleSampler, StdRng, expf, select_nth_unstable_desc, softmax_f32, weighted_index
 from xbackend.errors import XBackendError
 
 from .helpers import ROOT

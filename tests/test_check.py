@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from xbackend.check import CHECK_TOLERANCES, CheckReport, CheckResult, junit_xml, load_tolerances, logits_check
-from xbackend.metrics import same_input_drift
+from xbackend.analysis.metrics import same_input_drift
 from xbackend.errors import XBackendError
-from xbackend.synthetic import synthetic_trace
+from xbackend.testing.traces import synthetic_trace
 
 from .helpers import ROOT, assert_clean_error, needs_mlx, needs_tiny, run_cli
 

@@ -66,7 +66,7 @@ def test_codes_file_of_the_wrong_shape(tmp_path):
 
 
 def test_checkpoint_that_does_not_fit_its_config(tmp_path):
-    from xbackend.models import TINY
+    from xbackend.capture.models import TINY
 
     local = tmp_path / "ckpt"
     local.mkdir()

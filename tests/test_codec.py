@@ -1,7 +1,7 @@
 """The codec stage end to end: a full-size random Mimi (made here, in a temporary directory) through
 PyTorch, MLX and candle, a planted fault located at its frame, every bad input as one clear line.
 
-Tolerances (xbackend.codec_stage.CODEC_TOLERANCES) and the figures asserted here are the ones
+Tolerances (xbackend.codecs.stage.CODEC_TOLERANCES) and the figures asserted here are the ones
 measured on this machine, documented in the README ("The codec stage").
 """
 
@@ -33,7 +33,7 @@ def mimi(tmp_path_factory):
     """A released-shape Mimi with random weights and spread codebooks, deleted with the temp dir."""
     if not (have("torch") and have("moshi")):
         pytest.skip("needs torch and moshi to build the random Mimi")
-    from xbackend.codecs.synthetic import random_mimi
+    from xbackend.testing.mimi import random_mimi
 
     return random_mimi(tmp_path_factory.mktemp("mimi") / "mimi.safetensors")
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from xbackend.codec_stage import (CODEC_TOLERANCES, MISMATCH_FACTOR, codec_tolerance, compare_audio, compare_codes,
+from xbackend.codecs.stage import (CODEC_TOLERANCES, MISMATCH_FACTOR, codec_tolerance, compare_audio, compare_codes,
                                   exit_code, snr_db, verdict)
 from xbackend.codecs.base import FRAME_SIZE
 from xbackend.errors import XBackendError

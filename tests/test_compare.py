@@ -13,7 +13,7 @@ import pytest
 
 from xbackend.compare import CompareRequest, run_compare
 from xbackend.results import CompareReport, Point
-from xbackend.trace import load_trace
+from xbackend.store.trace import load_trace
 
 from .helpers import needs_mlx, needs_tiny, run_cli
 
@@ -383,8 +383,8 @@ def test_wrap_backend_honours_the_requested_spec(registry):
 
 
 def test_clearing_a_reused_run_directory_removes_only_what_xbackend_wrote(tmp_path):
-    from xbackend.rundir import clear_previous_run
-    from xbackend.synthetic import synthetic_trace
+    from xbackend.store.rundir import clear_previous_run
+    from xbackend.testing.traces import synthetic_trace
 
     out = tmp_path / "run"
     for label, run in (("cpu", "native-0"), ("mlx_cpu", "native-0"), ("mlx_cpu", "portable")):
@@ -414,11 +414,11 @@ def test_a_reused_out_is_cleared_only_where_xbackend_made_it(tmp_path):
     with --force keeps everything, on that run and every later one; one in use is refused."""
     from types import SimpleNamespace
 
-    from xbackend.capture import CaptureRequest
+    from xbackend.capture.run import CaptureRequest
     from xbackend.compare import start_run
     from xbackend.errors import XBackendError
-    from xbackend.outdir import claim
-    from xbackend.synthetic import synthetic_trace
+    from xbackend.store.claim import claim
+    from xbackend.testing.traces import synthetic_trace
 
     prompt, base = SimpleNamespace(codes=np.zeros((2, 3), dtype=np.int64)), CaptureRequest(backend="cpu")
 

@@ -6,9 +6,9 @@ import pytest
 import xbackend
 from xbackend import BackendUnavailable, CaptureRequest, capture, create_backend
 from xbackend.backends import BUILTIN_SPECS
-from xbackend.models import resolve_model
-from xbackend.prompt import load_prompt
-from xbackend.trace import step_digest
+from xbackend.capture.models import resolve_model
+from xbackend.capture.prompt import load_prompt
+from xbackend.store.trace import step_digest
 
 from .helpers import hardware, needs_tiny, registry_scope
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xbackend.diagnose import BackendRuns, arbiter_comparison, diagnose, persistent_onset
+from xbackend.analysis.diagnose import BackendRuns, arbiter_comparison, diagnose, persistent_onset
 from xbackend.results import CompareReport, Point, Repeatability, Verdict, reference_warning
 from xbackend.samplers import SAMPLER_IDENTITIES, shares_sampler
-from xbackend.synthetic import default_meta, write_trace
+from xbackend.testing.traces import default_meta, write_trace
 
 STEPS, VOCAB, STREAMS = 20, 16, ["text", "audio0", "audio1"]
 TOL, WINDOW = 1e-3, 3

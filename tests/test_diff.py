@@ -4,11 +4,11 @@ import math
 import numpy as np
 import pytest
 
-from xbackend.diff import DiffResult, comparability, diff
+from xbackend.analysis.diff import DiffResult, comparability, diff
 from xbackend.errors import XBackendError
 from xbackend.tolerances import TOLERANCES
-from xbackend.synthetic import default_meta, greedy_margins, synthetic_trace, write_trace
-from xbackend.trace import TruncatedTraceWarning, load_trace
+from xbackend.testing.traces import default_meta, greedy_margins, synthetic_trace, write_trace
+from xbackend.store.trace import TruncatedTraceWarning, load_trace
 
 from .helpers import have, needs_tiny
 
@@ -255,7 +255,7 @@ def test_recorded_inputs_replace_the_prompt_digest(tmp_path):
     """Traces that record their inputs are compared on them, so a codes file and its audio still compare."""
     def trace(path, digest, inputs):
         meta = default_meta(prompt={"source": "x", "kind": "codes", "digest": digest})
-        from xbackend.trace import TraceWriter
+        from xbackend.store.trace import TraceWriter
 
         w = TraceWriter(path, meta, ["text", "audio0", "audio1"], list(VOCAB), n_inputs=2)
         rng = np.random.default_rng(1)
@@ -273,7 +273,7 @@ def test_recorded_inputs_replace_the_prompt_digest(tmp_path):
 
 @needs_tiny
 def test_diff_of_real_captures_of_different_length_and_different_samplers(tmp_path):
-    from xbackend.capture import CaptureRequest, capture
+    from xbackend.capture.run import CaptureRequest, capture
 
     # the 24-frame prompt is padded with silence to 26 and 28 frames: different codes files, different
     # prompt digests, but the same user inputs on the common 26 steps, which is what diff compares

@@ -22,7 +22,7 @@ HEADER = """
 import os, signal, sys, time
 import xbackend
 IN_WORKER = getattr(sys.modules["__main__"], "__spec__", None) is not None and \\
-    sys.modules["__main__"].__spec__.name == "xbackend.worker"
+    sys.modules["__main__"].__spec__.name == "xbackend.capture.worker"
 """
 PLUGINS = {
     "spawn": """
@@ -135,16 +135,16 @@ def test_a_codec_that_does_not_fit_is_a_note_not_a_lost_run(tmp_path, monkeypatc
     """The 7B case: a model whose card the bundled codec cannot decode, and a codec that crashes."""
     import dataclasses
 
-    from xbackend import audio
+    from xbackend.codecs import audio
     from xbackend.compare import AudioDecoder, CompareRequest, run_compare
-    from xbackend.models import resolve_model
+    from xbackend.capture.models import resolve_model
 
     out = tmp_path / "run"
     report = run_compare(CompareRequest(backends=("cpu", "cpu"), steps=4, repeats=1), out)
     tiny = resolve_model("tiny")
     big = dataclasses.replace(tiny, config={**tiny.config, "card": 2048}, codec=None)
     from xbackend.compare import load_partial
-    from xbackend.diagnose import BackendRuns
+    from xbackend.analysis.diagnose import BackendRuns
 
     runs = {"cpu": BackendRuns("cpu", "fp32", "ok", None, native=[load_partial(out / "traces" / "cpu" / "native-0")])}
     notes = AudioDecoder(big, out, "torch:cpu").results(runs)

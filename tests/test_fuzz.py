@@ -18,12 +18,12 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from xbackend.diff import diff  # noqa: E402
+from xbackend.analysis.diff import diff  # noqa: E402
 from xbackend.errors import XBackendError  # noqa: E402
-from xbackend.inspection import divergence, inspect_trace  # noqa: E402
+from xbackend.analysis.inspection import divergence, inspect_trace  # noqa: E402
 from xbackend.report import write_report  # noqa: E402
-from xbackend.synthetic import synthetic_trace  # noqa: E402
-from xbackend.trace import TraceWriter, load_trace  # noqa: E402
+from xbackend.testing.traces import synthetic_trace  # noqa: E402
+from xbackend.store.trace import TraceWriter, load_trace  # noqa: E402
 
 VOCAB = (7, 5, 5)
 STEPS = 6

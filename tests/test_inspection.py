@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from xbackend.inspection import (Loop, TokenRun, divergence, entropy, find_loop, inspect_trace, longest_run,
+from xbackend.analysis.inspection import (Loop, TokenRun, divergence, entropy, find_loop, inspect_trace, longest_run,
                                  padding_id)
-from xbackend.synthetic import default_meta, synthetic_trace
+from xbackend.testing.traces import default_meta, synthetic_trace
 
 from .helpers import assert_clean_error, run_cli
 

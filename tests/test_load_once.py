@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from xbackend.capture import CaptureRequest, open_backend, run_loaded
+from xbackend.capture.run import CaptureRequest, open_backend, run_loaded
 from xbackend.compare import CompareRequest, run_compare
-from xbackend.trace import load_trace
+from xbackend.store.trace import load_trace
 
 from .helpers import have, needs_tiny, run_cli
 
@@ -91,7 +91,8 @@ def test_compare_loads_each_backend_once(tmp_path):
 
 def test_prepared_workers_never_outlive_the_command(tmp_path, monkeypatch):
     """The next backend's worker starts early; one prepared for a backend that never runs is killed."""
-    from xbackend import compare, worker
+    from xbackend import compare
+    from xbackend.capture import worker
 
     started = []
 

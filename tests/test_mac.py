@@ -124,7 +124,7 @@ def test_a_checkpoint_that_does_not_fit_is_still_bad_input(tmp_path):
     import shutil
 
     from xbackend import CaptureRequest, capture
-    from xbackend.models import resolve_model
+    from xbackend.capture.models import resolve_model
 
     tiny = resolve_model("tiny")
     shutil.copy(tiny.weights, tmp_path / "model.safetensors")

@@ -3,12 +3,12 @@ import math
 import numpy as np
 import pytest
 
-from xbackend import metrics as M
+from xbackend.analysis import metrics as M
 from xbackend import tolerances as T
 from xbackend.errors import XBackendError
 from xbackend.samplers import SamplingSettings
-from xbackend.synthetic import default_meta, greedy_margins, synthetic_trace, write_trace
-from xbackend.trace import TruncatedTraceWarning, load_trace
+from xbackend.testing.traces import default_meta, greedy_margins, synthetic_trace, write_trace
+from xbackend.store.trace import TruncatedTraceWarning, load_trace
 
 
 def grid_logits(rng, steps, vocab):

@@ -9,7 +9,7 @@ import pytest
 
 import xbackend
 from xbackend import XBackendError, register_backend, wrap_backend
-from xbackend.models import resolve_model
+from xbackend.capture.models import resolve_model
 
 from .helpers import HAVE_MLX, assert_clean_error, needs_mlx, needs_tiny, run_cli
 from .helpers import run as run_any
@@ -228,9 +228,10 @@ def test_gpu_is_probed_by_running_an_op_not_by_a_compile_time_flag(monkeypatch):
     one GPU op in a test process: here it fails for real, as it would there."""
     import mlx.core as mx
 
-    from xbackend.backends import create_backend, mlx_backend
+    from xbackend import env
+    from xbackend.backends import create_backend
 
-    monkeypatch.setattr(mlx_backend, "_GPU_PROBES", {})
+    monkeypatch.setattr(env, "_GPU_PROBES", {})
     monkeypatch.setattr(mx, "is_available", lambda device: True)  # what a Mac build says, GPU or not
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
     for spec, who in (("mlx:gpu", "mlx:gpu does not run here"), ("mlx", "MLX's default device is the GPU")):

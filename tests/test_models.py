@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from xbackend.errors import XBackendError
-from xbackend.models import to_published_layout
+from xbackend.capture.models import to_published_layout
 
 
 def test_to_published_layout_concatenates_steps_in_order():

@@ -9,8 +9,8 @@ import pytest
 
 from xbackend.compare import CompareRequest, run_compare
 from xbackend.report import BUNDLE_LIMIT, TOP, WINDOW, load_run, softmax, write_report
-from xbackend.synthetic import MOSHI_7B_VOCAB
-from xbackend.trace import load_trace
+from xbackend.testing.traces import MOSHI_7B_VOCAB
+from xbackend.store.trace import load_trace
 
 from .helpers import assert_clean_error, needs_tiny, registry_scope, run_cli, synthetic_run
 

@@ -12,10 +12,10 @@ import pytest
 
 import xbackend
 from xbackend.errors import XBackendError
-from xbackend.models import resolve_model
-from xbackend.prompt import DEFAULT_PROMPT, load_prompt
-from xbackend.replay import ReplayRequest, replay
-from xbackend.rustlogs import read_run, read_session, write_token_trace
+from xbackend.capture.models import resolve_model
+from xbackend.capture.prompt import DEFAULT_PROMPT, load_prompt
+from xbackend.rust.replay import ReplayRequest, replay
+from xbackend.rust.logs import read_run, read_session, write_token_trace
 from xbackend.samplers import RUST_CLI_SETTINGS
 
 from .helpers import assert_clean_error, needs_tiny, run_cli
@@ -218,7 +218,7 @@ def test_bad_and_partial_logs_are_one_line_exit_2(app_run, tmp_path):
 
 
 def test_session_layout_round_trip_is_exact(app_run):
-    from xbackend.rustlogs import session_to_steps, steps_to_session
+    from xbackend.rust.logs import session_to_steps, steps_to_session
 
     text, audio = steps_to_session(app_run["tokens"], app_run["user"], app_run["cfg"])
     assert (audio[-1, 1:8] == -1).all() and (audio[:, 0] >= 0).all()  # the last row's delayed codebooks: UNGENERATED

@@ -2,7 +2,7 @@
 
 import warnings
 
-from xbackend.synthetic import synthetic_trace
+from xbackend.testing.traces import synthetic_trace
 
 
 def test_synthetic_traces_are_moshi_shaped(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import xbackend
-from xbackend.models import resolve_model
+from xbackend.capture.models import resolve_model
 
 from .helpers import PEER, needs_peer, needs_tiny, run
 
@@ -133,7 +133,7 @@ def test_upstream_golden_logits_through_xbackend(tmp_path):
 def test_prompt_of_any_rate_and_channels(tmp_path):
     import soundfile as sf
 
-    from xbackend.prompt import load_prompt
+    from xbackend.capture.prompt import load_prompt
 
     t = np.arange(44100 * 2) / 44100
     stereo = np.stack([np.sin(2 * np.pi * 220 * t), np.sin(2 * np.pi * 330 * t)], axis=1) * 0.3

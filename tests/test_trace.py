@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from xbackend.errors import XBackendError
-from xbackend.trace import TraceWriter, TruncatedTraceWarning, load_trace, step_digest
+from xbackend.store.trace import TraceWriter, TruncatedTraceWarning, load_trace, step_digest
 
 STREAMS, VOCAB = ["text", "audio0"], [5, 3]
 
@@ -87,7 +87,7 @@ def test_bad_traces_raise_clear_errors(tmp_path, damage):
 
 # --------------------------------------------------------------------------- storage dtypes, token-only traces, integrity
 
-from xbackend.trace import round_logits, token_digest  # noqa: E402
+from xbackend.store.trace import round_logits, token_digest  # noqa: E402
 
 
 def bf16_rows(seed=0, steps=5):
@@ -187,8 +187,8 @@ def test_token_outside_vocabulary_and_symlinks_are_refused(tmp_path):
 
 
 def test_a_bf16_capture_stores_two_bytes_per_logit_and_loads_the_same_values(tmp_path):
-    from xbackend.capture import CaptureRequest, capture
-    from xbackend.models import TINY
+    from xbackend.capture.run import CaptureRequest, capture
+    from xbackend.capture.models import TINY
 
     if not (TINY / "model.safetensors").is_file():
         pytest.skip("bundled tiny model not built")

@@ -1,4 +1,4 @@
-"""Words: the bundled tokenizer, Trace.text(), where a tokenizer is looked for, and the divergence mark."""
+"""Words: the bundled tokenizer, trace_text(), where a tokenizer is looked for, and the divergence mark."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from xbackend.models import TINY, file_digest, resolve_model
-from xbackend.trace import TraceWriter, load_trace
-from xbackend.words import MARK, first_difference, join, pieces, run_words, shorten, tokenizer_for
+from xbackend.capture.models import TINY, file_digest, resolve_model
+from xbackend.store.trace import TraceWriter, load_trace
+from xbackend.analysis.words import (MARK, first_difference, join, pieces, run_words, shorten, tokenizer_for,
+                                     trace_text)
 
 from .helpers import ROOT, have, needs_tiny, run_cli
 
@@ -63,20 +64,20 @@ def test_text_skips_padding_and_end_of_padding_as_upstream(tmp_path):
     tokens = [0, ids[0], 3, 3, *ids[1:], 3, 0]
     trace = write(tmp_path / "t", tokens)
     expected = "".join(p.id_to_piece(i).replace("\u2581", " ") for i in ids).strip()
-    assert trace.text() == expected == "the age of wisdom"
+    assert trace_text(trace) == expected == "the age of wisdom"
     # the padding id comes from the model's config
-    assert "<pad>" in write(tmp_path / "p7", [3, *ids], pad=7).text()
+    assert "<pad>" in trace_text(write(tmp_path / "p7", [3, *ids], pad=7))
 
 
 def test_no_tokenizer_gives_empty_text(tmp_path):
-    assert write(tmp_path / "none", [5, 6, 7], tokenizer=None).text() == ""
+    assert trace_text(write(tmp_path / "none", [5, 6, 7], tokenizer=None)) == ""
     # a tokenizer whose file changed since the run (or a trace from elsewhere): no words, not wrong ones
     moved = {"name": "tok.model", "path": str(tmp_path / "missing.model"), "digest": "f" * 16}
-    assert write(tmp_path / "moved", [5, 6, 7], tokenizer=moved).text() == ""
+    assert trace_text(write(tmp_path / "moved", [5, 6, 7], tokenizer=moved)) == ""
     # hostile fields: not a file, a device, not strings
     for bad in ({"path": str(tmp_path), "digest": "x"}, {"path": "/dev/zero", "digest": "x"},
                 {"path": 5, "digest": ["x"]}, "not a dict"):
-        assert write(tmp_path / f"bad{abs(hash(str(bad)))}", [5], tokenizer=bad).text() == ""
+        assert trace_text(write(tmp_path / f"bad{abs(hash(str(bad)))}", [5], tokenizer=bad)) == ""
     # an explicit tokenizer file is taken as given
     assert write(tmp_path / "explicit", [11], tokenizer=None).text(BUNDLED) == "the"
 
@@ -85,9 +86,9 @@ def test_a_copied_tokenizer_with_the_same_digest_is_found(tmp_path):
     copy = tmp_path / "elsewhere.model"
     shutil.copy(BUNDLED, copy)
     trace = write(tmp_path / "t", [11], tokenizer={"name": "x", "path": str(copy), "digest": file_digest(BUNDLED)})
-    assert trace.text() == "the"
+    assert trace_text(trace) == "the"
     copy.unlink()  # gone: the bundled file has that digest, so it still decodes
-    assert trace.text() == "the"
+    assert trace_text(trace) == "the"
 
 
 def test_mark_sits_at_the_first_differing_step(tmp_path):
@@ -134,6 +135,6 @@ def test_repeat_and_compare_print_words(tmp_path):
     assert "2/2 runs give the same words as run 0, 2/2 the same decoded audio" in proc.stdout
     result = json.loads((tmp_path / "rep" / "repeat.json").read_text())
     texts = [w["text"] for w in result["words"]]
-    assert texts[0] and texts[0] == texts[1] == load_trace(tmp_path / "rep" / "traces" / "run-0").text()
+    assert texts[0] and texts[0] == texts[1] == trace_text(load_trace(tmp_path / "rep" / "traces" / "run-0"))
     assert result["words"][0]["audio_digest"] == result["words"][1]["audio_digest"] is not None
     assert all(f"{texts[0][:20]}" in line for line in proc.stdout.splitlines() if line.startswith("  run "))

@@ -5,15 +5,15 @@ Importing this package loads neither torch nor mlx; backends import them when cr
 
 from .backends import create_backend, load_plugin, register_backend, unregister_backend, wrap_backend
 from .backends.base import Backend, Job, StepRecord, StepRecorder
-from .candle import CandleDecision, CandleSampler
-from .capture import DEFAULT_SEED, CaptureRequest, capture
+from .samplers.candle import CandleDecision, CandleSampler
+from .capture.run import DEFAULT_SEED, CaptureRequest, capture
 from .codecs import Codec, create_codec, register_codec, unregister_codec, wrap_codec
 from .errors import BackendFailed, BackendUnavailable, XBackendError
 from .samplers import Sampler, SamplingSettings
 from .spec import BackendSpec, parse_spec
-from .trace import Trace, TruncatedTraceWarning, load_trace
+from .store.trace import Trace, TruncatedTraceWarning, load_trace
 
-__version__ = "0.1.0"
+from .env import __version__
 
 __all__ = [
     "Backend", "BackendFailed", "Codec", "create_codec", "register_codec", "unregister_codec", "wrap_codec", "BackendSpec",

@@ -30,16 +30,17 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import metrics, validate
+from .analysis import metrics
+from .store import validate
 from .compare import CompareRequest, EventFn, run_compare
 from .errors import BackendFailed, XBackendError
-from .markdown import md_table
+from .report.markdown import md_table
 from .results import CompareReport, Point, Repeatability, Verdict, exit_code, where
-from .rundir import FORCED, NATIVE_0, PORTABLE, PROMPT_CODES, TRACES, RunDir, load_partial, safe_name
+from .store.rundir import FORCED, NATIVE_0, PORTABLE, PROMPT_CODES, TRACES, RunDir, load_partial, safe_name
 from .samplers import SamplingSettings
 from .tolerances import CHECK_TOLERANCES, load_tolerances, tier_of
-from .outdir import claim, inside, read_json
-from .trace import Trace, load_trace, write_bytes_atomic, write_json_atomic
+from .store.claim import claim, inside, read_json
+from .store.trace import Trace, load_trace, write_bytes_atomic, write_json_atomic
 
 BASELINE_SCHEMA = "xbackend.baseline/1"
 CHECK_SCHEMA = "xbackend.check/1"
@@ -122,7 +123,7 @@ def _previous_traces(out: Path) -> set[str]:
 
 
 def _write_baseline(req: CompareRequest, report: CompareReport, traces: dict, out: Path) -> dict:
-    from . import __version__
+    from .env import __version__
 
     r = report.request
     baseline = {
@@ -185,7 +186,7 @@ def _recreate_hint(baseline: dict, out: Path) -> str:
 def request_from_baseline(baseline: dict, path: Path, *, model: str | None, seed: int | None, steps: int | None,
                   plugins: tuple[str, ...], timeout: float) -> CompareRequest:
     """The `compare` request that repeats the baseline; a model or setting that differs is bad input."""
-    from .models import resolve_model
+    from .capture.models import resolve_model
 
     want = resolve_model(model or baseline["model"]["name"])
     if want.digest != baseline["model"]["digest"]:

@@ -16,23 +16,23 @@ from typing import Callable
 import numpy as np
 
 from .backends import create_backend, load_plugin, require_available
-from .capture import CaptureRequest, check_request, trace_bytes
-from .diagnose import BackendRuns, arbiter_comparison, arbiter_distance, diagnose, repeatability
-from . import validate
+from .capture.run import CaptureRequest, check_request, trace_bytes
+from .analysis.diagnose import BackendRuns, arbiter_comparison, arbiter_distance, diagnose, repeatability
+from .store import validate
 from .errors import BackendFailed, XBackendError
 from .codecs import describe_codec
-from .models import ModelRef, resolve_model, tiny_codec
-from .outdir import Claim, claim
-from .prompt import Prompt, load_prompt
+from .capture.models import ModelRef, resolve_model, tiny_codec
+from .store.claim import Claim, claim
+from .capture.prompt import Prompt, load_prompt
 from .results import CompareReport, Repeatability, exit_code
-from .rundir import (ARBITER, FORCED, JOBS, PORTABLE, PROMPT_CODES, REPORT_JSON, TRACES, backend_dir,
+from .store.rundir import (ARBITER, FORCED, JOBS, PORTABLE, PROMPT_CODES, REPORT_JSON, TRACES, backend_dir,
                      clear_previous_run, load_partial, native, safe_name, unique_labels)
 from .samplers import DEFAULT_SEED, SamplingSettings, parse_mode
 from .spec import parse_spec, parse_specs
 from .tolerances import tolerance
-from .trace import Trace, write_bytes_atomic, write_json_atomic
-from .words import run_words
-from .worker import RunOutcome, prepare_worker, request_to_json, run_worker
+from .store.trace import Trace, write_bytes_atomic, write_json_atomic
+from .analysis.words import run_words, trace_text
+from .capture.worker import RunOutcome, prepare_worker, request_to_json, run_worker
 
 EventFn = Callable[[dict], None]
 DEFAULT_ARBITER = "cpu:fp64"
@@ -379,8 +379,8 @@ class AudioDecoder:
         return handler
 
     def decode(self, label: str, path: Path) -> str | None:
-        from . import audio
-        from .rundir import AUDIO
+        from .codecs import audio
+        from .store.rundir import AUDIO
 
         trace = load_partial(path)
         if trace is None or trace.steps <= max(self.model.delays) or not self.model.dep_q:
@@ -487,14 +487,14 @@ def repeat_words(model: ModelRef, traces: list[Trace], out: Path, decode: bool =
     N runs say the same thing, and sound the same."""
     import soundfile as sf
 
-    from .audio import decode_trace
-    from .prompt import SAMPLE_RATE
-    from .rundir import AUDIO
-    from .words import audio_digest
+    from .codecs.audio import decode_trace
+    from .capture.prompt import SAMPLE_RATE
+    from .store.rundir import AUDIO
+    from .analysis.words import audio_digest
 
     rows = []
     for i, trace in enumerate(traces):
-        row = {"run": i, "text": trace.text(), "audio_digest": None, "audio": None}
+        row = {"run": i, "text": trace_text(trace), "audio_digest": None, "audio": None}
         if decode and trace.steps > max(model.delays) and model.dep_q:
             try:
                 samples = decode_trace(model, trace)

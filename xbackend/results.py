@@ -165,7 +165,7 @@ class Verdict:
     first_divergence: Point | None = None
     secondary: tuple[Finding, ...] = ()
     figures: dict = field(default_factory=dict)
-    recorded_explanation: str | None = field(default=None, compare=False, repr=False)  # read back from JSON
+    recorded_explanation: str | None = field(default=None, compare=False, repr=False)  # made by analysis.diagnose, or read back from JSON
 
     @property
     def within_tolerance(self) -> bool | None:
@@ -188,15 +188,11 @@ class Verdict:
 
     @property
     def explanation(self) -> str:
-        """Why, with the numbers (as recorded when read back from a report)."""
+        """Why, with the numbers: written by `analysis.diagnose` when the verdict is made, or as recorded
+        when read back from a report."""
         if self.recorded_explanation is not None:
             return self.recorded_explanation
-        from .explain import explain
-
-        try:
-            return explain(self)
-        except (KeyError, TypeError, ValueError, IndexError):  # figures of a hand-edited report.json
-            return f"{self.verdict}: report.json records too few figures to explain it"
+        return f"{self.verdict}: report.json records no explanation"
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "vs": self.vs, "verdict": self.verdict,
@@ -235,7 +231,7 @@ class CompareReport:
     audio: dict | None = None
     codec: dict | None = None  # the codec that decoded audio/*.wav
     timing: dict | None = None
-    words: dict | None = None  # each run's decoded text (xbackend.words)
+    words: dict | None = None  # each run's decoded text (xbackend.analysis.words)
 
     @property
     def labels(self) -> list[str]:

@@ -14,9 +14,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..env import fingerprint
+from ..env import fingerprint, install_hint  # noqa: F401  (install_hint: its old home)
 from ..errors import BackendFailed
-from ..models import ModelRef
+from ..capture.models import ModelRef
 from ..samplers import Sampler, sampled_probs
 from ..spec import BackendSpec
 
@@ -139,11 +139,6 @@ class StepRecorder:
         if len(self._tokens) != len(self.streams):
             raise BackendFailed(f"Backend decided {len(self._tokens)} of {len(self.streams)} streams at step {self.step}")
         return StepRecord(self._logits, self._tokens, self._margins, np.asarray(inputs, dtype=np.int64))
-
-
-def install_hint(extra: str) -> str:
-    """The pip command that installs a backend's libraries: the core install has none."""
-    return f"pip install 'xbackend[{extra}]'"
 
 
 class Backend:

@@ -9,11 +9,7 @@ slice; the samplers handed to `LmGen` here are hooks that give each stream's log
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import subprocess
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,37 +18,16 @@ from typing import Callable
 import numpy as np
 
 from ..errors import XBackendError
-from ..models import ModelRef, safetensors_header, to_published_layout
+from ..capture.models import ModelRef, safetensors_header, to_published_layout
 from ..spec import BackendSpec
-from .base import Backend, Job, StepRecord, StepRecorder, install_hint
+from ..env import gpu_probe, install_hint, metal_available, mlx_unavailable
+from .base import Backend, Job, StepRecord, StepRecorder
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 BITS = {"q8": 8, "q4": 4}
 GROUP_SIZES = {"q8": 64, "q4": 32}  # moshi_mlx local.py: `32 if args.quantized == 4 else 64`
 MLX_GROUP_SIZES = (128, 64, 32)  # what mx.quantize supports
 INSTALL = install_hint("mlx")
-# Run in a fresh process: mlx 0.26's Metal `is_available()` is true whenever MLX was built with
-# Metal, and a process without GPU access (VM, sandbox, ssh session) aborts on the first GPU op.
-GPU_PROBE = """
-import json, sys, mlx.core as mx
-mx.eval(mx.ones(1, stream=mx.gpu) + 1)
-if "quantized" in sys.argv[1:]:  # e.g. MLX's CUDA backend 0.30 aborts: "QuantizedMatmul has no CUDA implementation"
-    q = mx.quantize(mx.ones((64, 64)), group_size=64, bits=8, stream=mx.gpu)
-    mx.eval(mx.quantized_matmul(mx.ones((1, 64)), *q, transpose=True, group_size=64, bits=8, stream=mx.gpu))
-info = {}
-for get in (getattr(mx, "device_info", None), getattr(getattr(mx, "metal", None), "device_info", None)):
-    try:
-        info = dict(get())
-        break
-    except Exception:
-        pass
-name = info.get("device_name") or info.get("architecture")
-if not name and getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
-    name = "MLX CUDA backend"
-print(json.dumps({"device_name": str(name or "gpu")}))
-"""
-GPU_PROBE_TIMEOUT = 60.0
-_GPU_PROBES: dict[tuple[str, bool], tuple[bool, str]] = {}
 
 
 class MlxBackend(Backend):
@@ -75,29 +50,8 @@ class MlxBackend(Backend):
         self.loaded: dict = {}  # what load() settled: origin of the weights, quantized layers
 
     def unavailable_reason(self) -> str | None:
-        if sys.platform == "darwin" and platform.machine() != "arm64":
-            return (f"MLX runs on Apple silicon only: this Mac is {platform.machine()}, for which MLX publishes "
-                    "no wheels (xbackend installs mlx and moshi_mlx on arm64 Macs only); use cpu here")
-        try:
-            import mlx.core as mx
-            import moshi_mlx  # noqa: F401
-        except ImportError as exc:
-            return f"mlx or moshi_mlx is not installed ({exc.name}); install with `{INSTALL}`"
-        if not self._wants_gpu(mx):
-            return None
-        if not mx.is_available(mx.gpu):
-            return (f"MLX has no GPU here (mx.metal.is_available() is {_metal(mx)}: Metal needs "
-                    "macOS on Apple silicon); use mlx:cpu here")
-        ok, said = gpu_probe(quantized=self.spec.quant is not None)
-        if not ok:
-            which = f"{self.spec}" if self.spec.device == "gpu" else f"{self.spec} (MLX's default device is the GPU)"
-            return f"{which} does not run here: a GPU operation failed in a test process ({said}); use mlx:cpu here"
-        return None
+        return mlx_unavailable(self.spec.device, quantized=self.spec.quant is not None, label=str(self.spec))
 
-    def _wants_gpu(self, mx) -> bool:
-        if self.spec.device is not None:
-            return self.spec.device == "gpu"
-        return mx.default_device().type == mx.gpu
 
     def _device(self):
         import mlx.core as mx
@@ -135,7 +89,7 @@ class MlxBackend(Backend):
         env = super().env()
         env["mlx_device"] = str(self._device())
         env["mlx_default_device"] = str(mx.default_device())
-        env["metal_available"] = _metal(mx)
+        env["metal_available"] = metal_available(mx)
         env["MLX_ENABLE_TF32"] = tf32_enabled()
         env["threads"] = os.cpu_count()  # MLX exposes no thread setting; its CPU kernels may use every core
         return env
@@ -299,32 +253,6 @@ class MlxBackend(Backend):
         import mlx.core as mx
 
         mx.synchronize()
-
-
-def gpu_probe(quantized: bool = False) -> tuple[bool, str]:
-    """(True, device name) when a GPU op (and with `quantized`, a quantized matmul) really runs in a
-    fresh process, else (False, what that process said); cached per interpreter."""
-    key = (sys.executable, quantized)
-    if key not in _GPU_PROBES:
-        argv = [sys.executable, "-c", GPU_PROBE] + (["quantized"] if quantized else [])
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=GPU_PROBE_TIMEOUT)
-            if proc.returncode == 0:
-                result = (True, json.loads(proc.stdout.strip().splitlines()[-1])["device_name"])
-            else:
-                lines = [x.strip() for x in (proc.stderr or proc.stdout).splitlines() if x.strip()]
-                result = (False, f"exit code {proc.returncode}: {lines[-1][:300] if lines else 'no message'}")
-        except subprocess.TimeoutExpired:
-            result = (False, f"no answer in {GPU_PROBE_TIMEOUT:g} s")
-        except (OSError, ValueError, KeyError, IndexError) as exc:
-            result = (False, f"{type(exc).__name__}: {exc}")
-        _GPU_PROBES[key] = result
-    return _GPU_PROBES[key]
-
-
-def _metal(mx) -> bool:
-    metal = getattr(mx, "metal", None)
-    return bool(metal is not None and metal.is_available())
 
 
 def tf32_enabled() -> bool:

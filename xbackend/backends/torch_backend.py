@@ -16,20 +16,18 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import platform
-import sys
 from typing import Callable
 
 import numpy as np
 
 from ..errors import BackendFailed, BackendUnavailable, XBackendError
-from ..models import ModelRef
+from ..capture.models import ModelRef
 from ..samplers import effective_top_k, portable_uniforms
 from ..spec import BackendSpec
-from .base import Backend, Job, StepRecord, StepRecorder, install_hint
+from ..env import COMPILE_ENV, install_hint, mps_unavailable
+from .base import Backend, Job, StepRecord, StepRecorder
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
-COMPILE_ENV = "XBACKEND_TORCH_COMPILE"  # set to 1 to keep moshi's lazy torch.compile of rope/gating/norm
 CAPTURE_PATH_ENV = "XBACKEND_CAPTURE_PATH"  # host | device | auto (device unless a plugin hook or MPS)
 CAPTURE_PATHS = ("auto", "host", "device")
 # moshi's functions wrapped in `torch_compile_lazy`: which of them really got compiled is recorded.
@@ -449,26 +447,6 @@ def _sampled_prob(torch, logits, pick, use_sampling: bool, temp: float):
     return probs.reshape(-1, probs.shape[-1])[0].gather(0, pick)
 
 
-def mps_unavailable(torch) -> str | None:
-    """Which condition for MPS fails here, in torch's and the OS's own terms, or None."""
-    if torch.backends.mps.is_available():
-        return None
-    machine, mac = platform.machine(), platform.mac_ver()[0]
-    facts = (f"torch {torch.__version__}: torch.backends.mps.is_built() {torch.backends.mps.is_built()}, "
-             f"is_available() False")
-    needs = "macOS 14" if _version(torch.__version__) >= (2, 9) else "macOS 13"  # pytorch#162921: 2.9+ needs Sonoma
-    if sys.platform != "darwin":
-        return f"MPS needs {needs} or newer on Apple silicon; this is {platform.system()} {machine} ({facts})"
-    if machine != "arm64":
-        return f"MPS needs Apple silicon; this Mac is {machine} ({facts})"
-    if not torch.backends.mps.is_built():
-        return f"this torch is built without MPS ({facts}); install the macOS arm64 wheel from PyPI"
-    if mac and _version(mac) < _version(needs.split()[1]):
-        return f"torch {torch.__version__} needs {needs} or newer for MPS; this is macOS {mac} ({facts})"
-    return (f"macOS {mac or '?'} on {machine} with an MPS build, yet no Metal device: a virtual machine, "
-            f"sandbox or remote session without GPU access ({facts})")
-
-
 def load_error(exc: Exception, model: ModelRef, spec: BackendSpec, device: str) -> XBackendError:
     """A checkpoint that does not fit its config is bad input (exit 2); anything else the device
     said while loading (out of memory, a dtype it lacks) is the backend failing (exit 3)."""
@@ -509,14 +487,6 @@ def compiled_by_moshi() -> list[str]:
 def _first_line(exc: Exception, lines: int = 1) -> str:
     text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
     return " ".join(text[:lines])[:400]
-
-
-def _version(text: str) -> tuple[int, ...]:
-    out = []
-    for part in text.split("+")[0].split(".")[:2]:
-        digits = "".join(c for c in part if c.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
 
 
 def _cuda_graphs_allowed() -> bool:

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import BackendUnavailable, XBackendError
-from ..models import MIMI_NAME, CodecRef, _local_codec, file_digest, hub_error, hub_parts, tiny_codec
+from ..capture.models import MIMI_NAME, CodecRef, _local_codec, file_digest, hub_error, hub_parts, tiny_codec
 from ..spec import BackendSpec, Grammar, parse_spec, parse_specs
 from .base import FRAME_SIZE, HOOK_POINTS, SAMPLE_RATE, ActivationHook, Codec, check_codebooks, codec_info
 

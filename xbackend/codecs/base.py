@@ -20,7 +20,7 @@ import numpy as np
 
 from ..env import fingerprint
 from ..errors import BackendFailed, XBackendError
-from ..models import CodecRef, safetensors_header
+from ..capture.models import CodecRef, safetensors_header
 from ..spec import BackendSpec
 
 SAMPLE_RATE = 24000

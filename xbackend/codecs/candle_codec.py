@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import BackendFailed, XBackendError
-from ..models import CodecRef, to_published_layout
+from ..capture.models import CodecRef, to_published_layout
 from ..spec import BackendSpec
 from .base import FRAME_SIZE, Codec, CodecInfo
 

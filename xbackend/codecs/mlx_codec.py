@@ -17,8 +17,9 @@ from typing import Iterator
 
 import numpy as np
 
+from ..env import mlx_unavailable
 from ..errors import XBackendError
-from ..models import CodecRef, to_published_layout
+from ..capture.models import CodecRef, to_published_layout
 from ..spec import BackendSpec
 from .base import FRAME_SIZE, Codec, CodecInfo
 
@@ -45,9 +46,7 @@ class MlxCodec(Codec):
 
     def unavailable_reason(self) -> str | None:
         """The MLX backend's own rule (Apple silicon, installed packages, a GPU that really runs)."""
-        from ..backends.mlx_backend import MlxBackend
-
-        return MlxBackend(BackendSpec("mlx", self.spec.device)).unavailable_reason()
+        return mlx_unavailable(self.spec.device, label=str(BackendSpec("mlx", self.spec.device)))
 
     def device_name(self) -> str:
         import mlx.core as mx

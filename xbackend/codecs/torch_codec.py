@@ -14,9 +14,9 @@ from typing import Iterator
 
 import numpy as np
 
-from ..backends.torch_backend import COMPILE_ENV
+from ..env import COMPILE_ENV, mps_unavailable
 from ..errors import XBackendError
-from ..models import CodecRef
+from ..capture.models import CodecRef
 from ..spec import BackendSpec
 from .base import FRAME_SIZE, Codec
 
@@ -54,8 +54,6 @@ class TorchCodec(Codec):
         if self.device == "cuda" and not torch.cuda.is_available():
             return "no CUDA device"
         if self.device == "mps":
-            from ..backends.torch_backend import mps_unavailable
-
             return mps_unavailable(torch)
         return None
 

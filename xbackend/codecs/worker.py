@@ -1,6 +1,6 @@
 """One codec's runs in a process of its own (`python -m xbackend.codecs.worker JOBFILE`).
 
-Speaks `xbackend.worker`'s events (`start`, `step`, `done`, `failed` a run) so `run_worker` gives
+Speaks `xbackend.capture.worker`'s events (`start`, `step`, `done`, `failed` a run) so `run_worker` gives
 the codec stage the same isolation as `compare`: a crash, a hang or NaN in one codec is that
 codec's failure, and every finished run's array is already on disk (written atomically, one file
 a run, timings in `meta.json`).
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendFailed, XBackendError
-from ..models import CodecRef
-from ..trace import write_json_atomic
-from ..worker import STEP_EVERY, emit
+from ..capture.models import CodecRef
+from ..store.trace import write_json_atomic
+from ..capture.worker import STEP_EVERY, emit
 
 OPERATIONS = ("encode", "encode_steps", "decode", "decode_steps")
 

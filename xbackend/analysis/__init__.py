@@ -1,0 +1,1 @@
+"""Pure functions on traces: metrics, the diagnosis, explanations, diffs, inspection, words."""

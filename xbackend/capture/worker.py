@@ -1,0 +1,199 @@
+"""A backend's runs in a process of their own (`python -m xbackend.capture.worker JOBFILE`).
+
+`compare`, `repeat` and `check` start one worker per backend, so a crash, a hang or a NaN in
+one backend cannot take the others down. A worker loads its model once and runs every run of its
+job on it (native repeats, portable, forced, arbiter: any list of requests). It reports on stdout,
+one JSON object a line: `start`, `step`, `done` or `failed` for each run.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import XBackendError
+from ..store.trace import write_bytes_atomic
+
+STEP_EVERY = 0.25  # seconds between step events, so progress bars move without flooding the pipe
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    name: str
+    out: str
+    status: str  # ok | failed | timeout | skipped
+    error: str | None = None
+    exit_code: int = 0
+
+
+def emit(**event) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def request_to_json(req) -> dict:
+    return asdict(req)
+
+
+def request_from_json(data: dict):
+    from .run import CaptureRequest
+    from ..samplers import SamplingSettings
+
+    return CaptureRequest(**dict(data, settings=SamplingSettings.from_dict(data["settings"])))
+
+
+def worker_main(job_file: str) -> int:
+    """Run a job's runs in order; each backend and model is loaded once, by its first run, for all of them."""
+    from ..backends import load_plugin
+    from .run import check_request, open_backend, run_loaded
+
+    job = json.loads(Path(job_file).read_text())
+    try:
+        for plugin in job.get("plugins", []):
+            load_plugin(plugin)
+    except XBackendError as exc:
+        first = job["runs"][0]["name"] if job["runs"] else "?"
+        emit(event="failed", name=first, error=str(exc), exit_code=exc.exit_code)
+        return exc.exit_code
+    sessions: dict[tuple, object] = {}
+    for run in job["runs"]:
+        emit(event="start", name=run["name"])
+        last = [0.0]
+
+        def progress(done: int, total: int, name=run["name"]) -> None:
+            now = time.monotonic()
+            if now - last[0] >= STEP_EVERY or done == total:
+                last[0] = now
+                emit(event="step", name=name, step=done, total=total)
+
+        try:
+            req = request_from_json(run["request"])
+            check_request(req)
+            key = (req.backend, req.model, req.model_config)
+            if key not in sessions:
+                sessions[key] = open_backend(*key)
+            run_loaded(sessions[key], req, run["out"], progress=progress)
+        except XBackendError as exc:
+            emit(event="failed", name=run["name"], error=str(exc), exit_code=exc.exit_code)
+            return exc.exit_code
+        emit(event="done", name=run["name"])
+    return 0
+
+
+def prepare_worker(spec: str) -> subprocess.Popen:
+    """Start a worker that imports `spec`'s libraries now and waits for its job file on stdin.
+
+    `compare` starts the next backend's worker while the current one runs, so importing torch or
+    mlx overlaps model work instead of adding to it. Nothing is loaded before the job arrives:
+    two models in memory at once could exceed a Mac's."""
+    return subprocess.Popen([sys.executable, "-m", "xbackend.capture.worker", "--wait", spec], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_job(spec: str) -> str:
+    """A prepared worker: import the backend's library (best effort), then read the job file's path."""
+    try:
+        from ..backends import create_backend
+
+        create_backend(spec).unavailable_reason()  # imports torch/moshi or mlx/moshi_mlx
+    except Exception:  # noqa: BLE001 - a plugin's name, or a broken install: the job will say so
+        pass
+    return sys.stdin.readline().strip()
+
+
+def run_worker(job: dict, job_file: Path, timeout: float,
+               on_event: Callable[[dict], None] | None = None, module: str = "xbackend.capture.worker",
+               prepared: subprocess.Popen | None = None) -> list[RunOutcome]:
+    """Run `job` in a worker process (`prepared` by `prepare_worker`, or a new `python -m module
+    JOBFILE`, speaking the events above); each run gets `timeout` seconds, after which the process
+    is killed."""
+    write_bytes_atomic(job_file, json.dumps(job, indent=2).encode())
+    if prepared is not None and prepared.poll() is None:
+        proc = prepared
+        try:
+            proc.stdin.write(f"{job_file}\n")
+            proc.stdin.close()
+        except OSError:  # it died while waiting: the crash is reported below like any other
+            pass
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", module, str(job_file)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    stderr: list[str] = []
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+    threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
+    outcomes: dict[str, RunOutcome] = {}
+    current, deadline = None, None
+    while True:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            line = lines.get(timeout=wait)
+        except queue.Empty:
+            proc.kill()
+            outcomes[current] = RunOutcome(current, _out(job, current), "timeout",
+                                           f"timed out after {timeout:g} s (no end of run)", 3)
+            current = None
+            break
+        if line is None:
+            break
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a library printing to stdout: not ours
+        name = event.get("name")
+        if event.get("event") == "start":
+            current, deadline = name, time.monotonic() + timeout
+        elif event.get("event") == "done":
+            outcomes[name] = RunOutcome(name, _out(job, name), "ok")
+            current, deadline = None, None
+        elif event.get("event") == "failed":
+            outcomes[name] = RunOutcome(name, _out(job, name), "failed", event.get("error"), event.get("exit_code", 3))
+            current, deadline = None, None
+        if on_event:
+            on_event(event)
+    proc.wait()
+    died = None
+    if current is None and not outcomes and job["runs"]:
+        current = job["runs"][0]["name"]  # it died before its first run began (at spawn, or loading plugins)
+        died = "before its first run started"
+    if current is not None and current not in outcomes:  # the process died inside a run: a crash
+        tail = [x.strip() for x in stderr if x.strip()]
+        why = tail[-1][:300] if tail else "no message"
+        outcomes[current] = RunOutcome(current, _out(job, current), "failed",
+                                       f"worker process {_death(proc.returncode)}{' ' + died if died else ''} "
+                                       f"({why})", 3)
+    cause = next((o for o in outcomes.values() if o.status != "ok"), None)
+    result = []
+    for run in job["runs"]:
+        note = (f"not run: the worker stopped after {cause.name} {cause.status} ({(cause.error or '')[:160]})"
+                if cause else f"not run: the worker process {_death(proc.returncode)} before it")
+        result.append(outcomes.get(run["name"]) or RunOutcome(run["name"], run["out"], "skipped", note, 3))
+        if on_event and run["name"] not in outcomes:
+            on_event({"event": "skipped", "name": run["name"]})
+    return result
+
+
+def _death(returncode: int | None) -> str:
+    """How a worker process ended, in words: `killed by SIGKILL`, `exited with code 0`."""
+    if returncode is not None and returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+def _out(job: dict, name: str) -> str:
+    return next(r["out"] for r in job["runs"] if r["name"] == name)
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(_wait_for_job(sys.argv[2]) if sys.argv[1] == "--wait" else sys.argv[1]))

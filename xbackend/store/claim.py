@@ -1,0 +1,163 @@
+"""Output directories: whose they are, and who is writing into them now.
+
+Every directory xbackend writes (a trace, a run directory, a baseline, a repeat) carries a small
+`.xbackend` file naming its kind. A command may write into a directory that does not exist, is
+empty, or is already the same kind of xbackend output; anything else (a user's directory, a
+baseline given as a run directory's --out) is refused unless `force`. The same file is held
+under an exclusive `flock` for as long as the command writes, so a second writer is refused
+instead of mixing its data with the first's; the kernel drops the lock when the process dies.
+A directory taken with `force` stays marked `adopted`: the claim says it is not xbackend's own
+(`Claim.owned` is false), so no later run clears anything there. Nothing here deletes anything.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import XBackendError
+
+MARKER = ".xbackend"
+KINDS = ("trace", "run", "baseline", "repeat")
+# Files that mark a directory written by an earlier xbackend (before the marker existed).
+_LEGACY = {"trace": ("meta.json", "xbackend.trace/1"), "run": ("report.json", "xbackend.report/1"),
+           "baseline": ("baseline.json", "xbackend.baseline/1"), "repeat": ("repeat.json", "xbackend.repeat/1")}
+
+
+def kind_of(path: Path) -> str | None:
+    """Which kind of xbackend output `path` holds, or None."""
+    marker = path / MARKER
+    if marker.is_file() and not marker.is_symlink():
+        try:
+            kind = json.loads(marker.read_text() or "{}").get("kind")
+        except (ValueError, OSError, AttributeError, UnicodeDecodeError):
+            kind = None
+        if kind in KINDS:
+            return kind
+    for kind, (name, schema) in _LEGACY.items():
+        f = path / name
+        if f.is_file() and not f.is_symlink():
+            try:
+                if json.loads(f.read_bytes()[: 1 << 24]).get("schema") == schema:
+                    return kind
+            except (ValueError, OSError, AttributeError, UnicodeDecodeError, RecursionError):
+                pass
+    return None
+
+
+@dataclass
+class Claim:
+    """An output directory held by this process until `release()` (or its death)."""
+
+    path: Path
+    kind: str
+    fd: int | None = None
+    owned: bool = True  # xbackend made it (new, empty or already ours): its earlier output may be cleared
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim(path: str | os.PathLike, kind: str, *, force: bool = False, what: str = "--out") -> Claim:
+    """Take `path` for writing output of `kind`; refuse a directory in use or not ours."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise XBackendError(f"{what} {path} exists and is not a directory", fix=f"pass a directory path to {what}")
+    owned = True
+    if path.is_dir():
+        found = kind_of(path)
+        busy = [p.name for p in path.iterdir() if p.name != MARKER]
+        if found is not None and found != kind:
+            raise XBackendError(f"{what} {path} holds an xbackend {found}, not a {kind} directory",
+                                asked="writing there would overwrite it",
+                                fix=f"choose another {what} directory")
+        if found is None and busy and not force:
+            shown = ", ".join(sorted(busy)[:5]) + (", ..." if len(busy) > 5 else "")
+            raise XBackendError(f"{what} {path} is not empty and was not written by xbackend",
+                                asked=f"it holds {shown}",
+                                fix=f"choose a new or empty directory, or pass --force to write xbackend's files "
+                                    "beside them (nothing there is deleted)")
+        owned = not _adopted(path) and (found is not None or not busy)
+    path.mkdir(parents=True, exist_ok=True)
+    marker = path / MARKER
+    try:
+        fd = os.open(marker, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        if marker.is_symlink():
+            raise XBackendError(f"{marker} is a symbolic link; xbackend writes through none",
+                                fix="remove the link or choose another output directory") from None
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        holder = ""
+        try:
+            holder = json.loads(marker.read_text() or "{}").get("pid", "")
+        except (ValueError, OSError, AttributeError):
+            pass
+        raise XBackendError(f"{what} {path} is in use by another xbackend run" + (f" (pid {holder})" if holder else ""),
+                            fix=f"wait for it to finish, or choose another {what} directory") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"kind": kind, "pid": os.getpid(), "adopted": not owned}).encode())
+    return Claim(path, kind, fd, owned)
+
+
+def _adopted(path: Path) -> bool:
+    """Whether an earlier `--force` took `path` although xbackend had not made it."""
+    marker = path / MARKER
+    if not marker.is_file() or marker.is_symlink():
+        return False
+    try:
+        return json.loads(marker.read_text() or "{}").get("adopted") is True
+    except (ValueError, OSError, AttributeError, UnicodeDecodeError):
+        return False
+
+
+def inside(root: Path, rel, what: str) -> Path:
+    """`root / rel` for a path read from untrusted metadata: relative, no `..`, no link on the way.
+
+    Run directories and baselines come from other people (bundles, repositories); a path in their
+    JSON must not reach a file outside them (an absolute path or a link would pull it into a bundle)."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise XBackendError(f"{what} is {rel!r}, not a relative path", fix="regenerate the directory with xbackend")
+    parts = PurePosixPath(rel.replace("\\", "/")).parts
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive \
+            or ".." in parts:
+        raise XBackendError(f"{what} is {rel!r}: paths in metadata must stay inside {root}",
+                            asked="absolute paths and '..' are refused, so nothing outside the directory is read",
+                            fix="regenerate the directory with xbackend")
+    path = root
+    for part in parts:
+        if part in ("", "."):
+            continue
+        path = path / part
+        if path.is_symlink():
+            raise XBackendError(f"{what} {rel!r} goes through the symbolic link {path}",
+                                asked="links are not followed, so nothing outside the directory is read",
+                                fix="replace the link by the files themselves")
+    return path
+
+
+def read_json(file: Path, what: str, fix: str):
+    """An untrusted JSON file of a run directory or baseline: read through no link, UTF-8, parsed."""
+    if file.is_symlink():
+        raise XBackendError(f"{file} is a symbolic link; {what} are read without following links",
+                            fix="replace the link by the file itself")
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise XBackendError(f"{file} is not valid UTF-8 JSON ({str(exc)[:120]})", fix=fix) from None
