@@ -79,7 +79,7 @@ def test_no_tokenizer_gives_empty_text(tmp_path):
                 {"path": 5, "digest": ["x"]}, "not a dict"):
         assert trace_text(write(tmp_path / f"bad{abs(hash(str(bad)))}", [5], tokenizer=bad)) == ""
     # an explicit tokenizer file is taken as given
-    assert write(tmp_path / "explicit", [11], tokenizer=None).text(BUNDLED) == "the"
+    assert trace_text(write(tmp_path / "explicit", [11], tokenizer=None), BUNDLED) == "the"
 
 
 def test_a_copied_tokenizer_with_the_same_digest_is_found(tmp_path):
