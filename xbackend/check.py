@@ -203,7 +203,8 @@ def request_from_baseline(baseline: dict, path: Path, *, model: str | None, seed
                           seed=baseline["seed"],
                           steps=baseline["steps"], repeats=baseline["repeats"], timeout=timeout,
                           alignment=baseline["alignment"], settings=SamplingSettings.from_dict(baseline["settings"]),
-                          plugins=plugins, decode_audio=False, arbiter="none")
+                          plugins=plugins, decode_audio=False, arbiter="none",
+                          prompt_frames=baseline["prompt"].get("frames"))
 
 
 def recorded_run(baseline: dict, base_dir: Path, run_dir: Path) -> CompareReport:

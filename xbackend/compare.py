@@ -57,6 +57,7 @@ class CompareRequest:
     codec: str = "torch:cpu"  # the codec spec that decodes each backend's audio tokens
     arbiter: str = ARBITER_AUTO  # auto: cpu:fp64 when the model fits in memory; none: off; or a spec
     sampler: str | None = None  # compare: the comparable free runs' (portable | candle); repeat: the runs' (native)
+    prompt_frames: int | None = None  # a codes prompt's own frames (see CaptureRequest)
 
 
 FREE_RUN_SAMPLERS = ("portable", "candle")
@@ -176,7 +177,8 @@ def _check(req: CompareRequest, repeats: tuple[str, int] = ("--repeats", 1)) -> 
     for plugin in req.plugins:
         load_plugin(plugin)
     base = CaptureRequest(backend="", model=req.model, model_config=req.model_config, seed=req.seed,
-                          steps=req.steps, alignment=req.alignment, settings=req.settings)
+                          steps=req.steps, alignment=req.alignment, settings=req.settings,
+                          prompt_frames=req.prompt_frames)
     check_request(base)
     return base
 
@@ -188,7 +190,7 @@ def _resolve(req: CompareRequest, out: Path) -> tuple[ModelRef, Prompt]:
         check_decoder(req.codec, model)  # before anything is written: a codec that cannot decode is bad input
     if out.exists() and not out.is_dir():
         raise XBackendError(f"--out {out} exists and is not a directory", fix="pass a directory path to --out")
-    return model, load_prompt(req.prompt, model, req.steps)
+    return model, load_prompt(req.prompt, model, req.steps, req.prompt_frames)
 
 
 def save_codes(out: Path, codes: np.ndarray) -> str:
@@ -205,7 +207,7 @@ def start_run(claimed: Claim, prompt: Prompt, base: CaptureRequest) -> CaptureRe
     backend will receive are written."""
     if claimed.owned:
         clear_previous_run(claimed.path)
-    return replace(base, prompt=save_codes(claimed.path, prompt.codes))
+    return replace(base, prompt=save_codes(claimed.path, prompt.codes), prompt_frames=prompt.own_frames)
 
 
 def _run_backends(req: CompareRequest, out: Path, model: ModelRef, prompt, base: CaptureRequest, specs,

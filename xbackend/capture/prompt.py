@@ -1,6 +1,12 @@
 """Prompts: the user's audio, encoded once by the reference codec, or a codes file.
 
-Every backend receives the same `Prompt.codes`; nothing here depends on a backend.
+Every backend receives the same `Prompt.codes`; nothing here depends on a backend, nor on
+`--steps`: audio is encoded frame by frame by the streaming encoder, as upstream's servers and
+`moshi.run_inference` feed Moshi (one 1920-sample frame a call inside `mimi.streaming`), and the
+steps past the audio's end are the same encoder fed silence. Each frame's code then depends only on
+the audio up to that frame, so runs of any `--steps` get equal codes on their common prefix
+(docs/design.md, Prompts). Encoding the whole clip in one call instead gave codes that changed
+with the padded length (convolution and matmul shapes change the rounding; issue 18).
 """
 
 from __future__ import annotations
@@ -19,21 +25,32 @@ DEFAULT_PROMPT = REFERENCE / "prompts" / "hello.wav"
 CODES_SUFFIXES = (".npy", ".safetensors")
 MIN_RATE, MAX_RATE = 4000, 768000  # telephone speech to the highest studio rate
 MAX_PROMPT_SECONDS = 7200.0
+ENCODING = "streaming"  # how audio became codes: frame by frame, then silence (recorded in every trace)
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """User codes `[n_user, frames]` (int64) and where they came from."""
+    """User codes `[n_user, fed frames]` (int64) and where they came from.
+
+    `frames` is the prompt's own length (its audio's frames, or a codes file's); the codes past it
+    are the silence fill that makes `steps` frames. `digest` covers the prompt's own codes only, so
+    it does not change with `--steps`."""
 
     codes: np.ndarray
     source: str
     kind: str  # audio | codes
     digest: str
     seconds: float | None = None
+    frames: int | None = None  # None: all of `codes`
+
+    @property
+    def own_frames(self) -> int:
+        return int(self.codes.shape[1]) if self.frames is None else int(self.frames)
 
     def describe(self) -> dict:
-        return {"source": self.source, "kind": self.kind, "digest": self.digest,
-                "frames": int(self.codes.shape[1]), "seconds": self.seconds}
+        return {"source": self.source, "kind": self.kind, "digest": self.digest, "frames": self.own_frames,
+                "fed_frames": int(self.codes.shape[1]), "encoding": ENCODING if self.kind == "audio" else None,
+                "seconds": self.seconds}
 
 
 def codes_digest(codes: np.ndarray) -> str:
@@ -147,8 +164,43 @@ def user_rows(codes: np.ndarray, model: ModelRef, path: Path) -> np.ndarray:
         fix="re-encode the prompt for this model")
 
 
-def load_prompt(path: str | None, model: ModelRef, steps: int) -> Prompt:
-    """Codes for at least `steps` frames; audio is padded with silence before encoding."""
+def prompt_of_codes(codes: np.ndarray, source: str, frames: int | None = None) -> Prompt:
+    """A prompt given as codes; `frames` < the codes' length marks the rest as the fill an audio prompt
+    was given (a run directory's `prompt_codes.npy` holds both), so the digest is the audio prompt's."""
+    if frames is not None:
+        if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or not 1 <= frames <= codes.shape[1]:
+            raise XBackendError(f"Prompt frames {frames!r} do not fit codes file {source}",
+                                asked=f"it holds {codes.shape[1]} frames; the prompt's own length is 1 to that",
+                                fix="drop --prompt-frames (or fix baseline.json's prompt.frames), or pass the "
+                                    "frames the prompt itself took")
+        frames = int(frames)
+    own = codes if frames is None else codes[:, :frames]
+    return Prompt(codes, source, "codes", codes_digest(own), frames=frames)
+
+
+def encode_audio(audio: np.ndarray, model: ModelRef, steps: int) -> tuple[np.ndarray, int]:
+    """Codes for `max(steps, the audio's frames)` frames, and the audio's own frame count: the streaming
+    encoder, one frame a call, over the audio and then silence (the last partial frame is zero-padded)."""
+    own = max(1, -(-audio.shape[0] // FRAME_SIZE))
+    if model.n_user == 0:
+        return np.zeros((0, max(steps, own)), dtype=np.int64), own
+    codec = codec_for(model, model.n_user, same_bins=False)  # its codes must only fit the model's card
+    padded = np.zeros(max(steps, own) * FRAME_SIZE, dtype=np.float32)
+    padded[: audio.shape[0]] = audio
+    from ..codecs import encode_prompt
+
+    codes = encode_prompt(codec, padded, model.n_user)
+    if codes.max(initial=0) >= int(model.config["card"]):
+        raise XBackendError(f"The codec gives codes up to {codes.max()}, beyond model {model.name}'s "
+                            f"vocabulary of {model.config['card']}",
+                            fix="use the codec that belongs to the model (a codec/ folder beside the checkpoint)")
+    return codes, own
+
+
+def load_prompt(path: str | None, model: ModelRef, steps: int, frames: int | None = None) -> Prompt:
+    """Codes for at least `steps` frames, equal on their common prefix whatever `steps` is.
+
+    `frames` applies to a codes file only: its first `frames` frames are the prompt itself."""
     file = Path(path).expanduser() if path else DEFAULT_PROMPT
     if not file.exists():
         raise XBackendError(f"Prompt {file} does not exist",
@@ -161,21 +213,12 @@ def load_prompt(path: str | None, model: ModelRef, steps: int) -> Prompt:
         if codes.shape[1] < steps and model.n_user:
             raise XBackendError(f"Codes file {file} has {codes.shape[1]} frames, fewer than the {steps} steps asked for",
                                 fix=f"pass --steps {codes.shape[1]} or a longer prompt")
-        return Prompt(codes, str(file), "codes", codes_digest(codes))
+        return prompt_of_codes(codes, str(file), frames)
+    if frames is not None:
+        raise XBackendError(f"--prompt-frames {frames} was given with audio prompt {file}",
+                            asked="--prompt-frames marks the prompt's own frames in a codes file; audio knows its length",
+                            fix="drop --prompt-frames")
     audio = read_audio(file)
-    seconds = audio.shape[0] / SAMPLE_RATE
-    if model.n_user == 0:
-        codes = np.zeros((0, steps), dtype=np.int64)
-    else:
-        codec = codec_for(model, model.n_user, same_bins=False)  # its codes must only fit the model's card
-        padded = np.zeros(max(steps * FRAME_SIZE, audio.shape[0]), dtype=np.float32)
-        padded[: audio.shape[0]] = audio
-        from ..codecs import encode_prompt
-
-        codes = encode_prompt(codec, padded, model.n_user)
-        too_big = codes.max(initial=0) >= int(model.config["card"])
-        if too_big:
-            raise XBackendError(f"The codec gives codes up to {codes.max()}, beyond model {model.name}'s "
-                                f"vocabulary of {model.config['card']}",
-                                fix="use the codec that belongs to the model (a codec/ folder beside the checkpoint)")
-    return Prompt(codes, str(file), "audio", codes_digest(codes), round(seconds, 3))
+    codes, own = encode_audio(audio, model, steps)
+    return Prompt(codes, str(file), "audio", codes_digest(codes[:, :own]), round(audio.shape[0] / SAMPLE_RATE, 3),
+                  frames=own)

@@ -36,6 +36,7 @@ class CaptureRequest:
     alignment: str = "aligned"
     settings: SamplingSettings = field(default_factory=SamplingSettings)
     run_index: int = 0
+    prompt_frames: int | None = None  # a codes prompt's own frames; those past it are an audio prompt's fill
 
 
 def forced_plan(source: str, model: ModelRef, steps: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -100,6 +101,8 @@ def check_request(req: CaptureRequest) -> None:
         raise XBackendError(f"Unknown alignment {req.alignment!r}", asked=f"available are {', '.join(ALIGNMENTS)}")
     validate.settings(req.settings)
     validate.integer("run_index", req.run_index, 0, 2**31)
+    if req.prompt_frames is not None:
+        validate.integer("--prompt-frames", req.prompt_frames, 1, 2**31)
     parse_mode(req.sampler)
 
 
@@ -172,7 +175,7 @@ def run_loaded(session: LoadedBackend, req: CaptureRequest, out: str | Path,
     if forced_user is not None:
         prompt = Prompt(forced_user, str(req.sampler.partition(":")[2]), "codes", codes_digest(forced_user))
     else:
-        prompt = load_prompt(req.prompt, model, req.steps)
+        prompt = load_prompt(req.prompt, model, req.steps, req.prompt_frames)
     job = Job(model, prompt.codes, req.steps, req.seed, sampler, req.alignment, req.run_index)
     backend.host_decisions = sampler.host_only
     reused = session.loaded

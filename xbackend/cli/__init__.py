@@ -66,6 +66,9 @@ PLUGIN_OPT = typer.Option(None, "--plugin", metavar="FILE", help="Python file th
 MODEL_OPT = typer.Option("tiny", help="tiny, a checkpoint directory or file, or hf://owner/repo.")
 MODEL_CONFIG_OPT = typer.Option(None, help="LMModel config JSON for a bare checkpoint file.")
 PROMPT_OPT = typer.Option(None, help="WAV/FLAC audio or a codes file (default: the bundled hello.wav).")
+PROMPT_FRAMES_OPT = typer.Option(None, "--prompt-frames", help="With a codes file: its first N frames are the prompt "
+                                 "itself, the rest the silence an audio prompt was continued with (a run's "
+                                 "prompt_codes.npy; the prompt digest covers those N).")
 SEED_OPT = typer.Option(DEFAULT_SEED, help="Seed for every sampler (the Rust CLI's default).")
 TIMEOUT_OPT = typer.Option(600.0, help="Seconds one run may take before it is killed and reported.")
 ALIGNMENT_OPT = typer.Option("aligned", help="aligned (same frame at the same step everywhere) or upstream.")
@@ -225,6 +228,7 @@ def capture(
     model: str = MODEL_OPT,
     model_config: Optional[str] = MODEL_CONFIG_OPT,
     prompt: Optional[str] = PROMPT_OPT,
+    prompt_frames: Optional[int] = PROMPT_FRAMES_OPT,
     seed: int = SEED_OPT,
     steps: int = typer.Option(50, help="Steps of 80 ms to generate."),
     sampler: str = typer.Option("native", help="native, portable, greedy, candle (the Rust app's sampler) or forced:PATH."),
@@ -242,7 +246,8 @@ def capture(
     from ..capture.run import capture as run_capture
 
     load_plugins(plugin)
-    req = CaptureRequest(backend=backend, model=model, model_config=model_config, prompt=prompt, seed=seed,
+    req = CaptureRequest(backend=backend, model=model, model_config=model_config, prompt=prompt,
+                         prompt_frames=prompt_frames, seed=seed,
                          steps=steps, sampler=sampler, alignment=alignment,
                          settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio, sampler))
     bar, update = progress_bar(f"capture {backend}")
@@ -347,6 +352,7 @@ def compare(
     model: str = MODEL_OPT,
     model_config: Optional[str] = MODEL_CONFIG_OPT,
     prompt: Optional[str] = PROMPT_OPT,
+    prompt_frames: Optional[int] = PROMPT_FRAMES_OPT,
     seed: int = SEED_OPT,
     steps: int = typer.Option(100, help="Steps of 80 ms per run."),
     repeats: int = REPEATS_OPT,
@@ -369,6 +375,7 @@ def compare(
     from ..compare import CompareRequest, run_compare
 
     req = CompareRequest(backends=tuple(backends.split(",")), model=model, model_config=model_config, prompt=prompt,
+                         prompt_frames=prompt_frames,
                          seed=seed, steps=steps, repeats=repeats, timeout=timeout, alignment=alignment,
                          settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio, sampler),
                          sampler=sampler, plugins=tuple(str(p) for p in plugin or []), codec=codec, arbiter=arbiter)
@@ -489,6 +496,7 @@ def repeat(
     backend: str = typer.Option("cpu", "--backend", "-b", help="Backend spec."),
     runs: int = typer.Option(3, help="How many runs with the same seed and inputs."),
     model: str = MODEL_OPT, model_config: Optional[str] = MODEL_CONFIG_OPT, prompt: Optional[str] = PROMPT_OPT,
+    prompt_frames: Optional[int] = PROMPT_FRAMES_OPT,
     seed: int = SEED_OPT, steps: int = typer.Option(50, help="Steps of 80 ms per run."), timeout: float = TIMEOUT_OPT,
     alignment: str = ALIGNMENT_OPT,
     sampler: str = typer.Option("native", help="native, portable, greedy or candle (the Rust app's sampler)."),
@@ -503,7 +511,8 @@ def repeat(
     """Run one backend several times with the same seed: is it bitwise repeatable?"""
     from ..compare import CompareRequest, run_repeat
 
-    req = CompareRequest(backends=(backend,), model=model, model_config=model_config, prompt=prompt, seed=seed,
+    req = CompareRequest(backends=(backend,), model=model, model_config=model_config, prompt=prompt,
+                         prompt_frames=prompt_frames, seed=seed,
                          steps=steps, repeats=runs, timeout=timeout, alignment=alignment, sampler=sampler,
                          settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio, sampler),
                          plugins=tuple(str(p) for p in plugin or []))
@@ -626,6 +635,7 @@ def baseline_create(
     out: Path = typer.Option(..., "--out", "-o", help="Baseline directory to write (commit it)."),
     model: str = MODEL_OPT,
     prompt: Optional[str] = PROMPT_OPT,
+    prompt_frames: Optional[int] = PROMPT_FRAMES_OPT,
     seed: int = SEED_OPT,
     steps: int = typer.Option(16, help="Steps of 80 ms per run (the committed traces grow with it)."),
     repeats: int = REPEATS_OPT,
@@ -642,7 +652,8 @@ def baseline_create(
     from ..check import create_baseline
     from ..compare import CompareRequest
 
-    req = CompareRequest(backends=tuple(backends.split(",")), model=model, prompt=prompt, seed=seed, steps=steps,
+    req = CompareRequest(backends=tuple(backends.split(",")), model=model, prompt=prompt, prompt_frames=prompt_frames,
+                         seed=seed, steps=steps,
                          repeats=repeats, timeout=timeout, alignment=alignment,
                          settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio),
                          plugins=tuple(str(p) for p in plugin or []))

@@ -217,8 +217,9 @@ def shared_codec(spec: str, ref: CodecRef, n_codebooks: int) -> Codec:
 
 
 def encode_prompt(ref: CodecRef, audio: np.ndarray, n_codebooks: int, spec: str = REFERENCE_CODEC) -> np.ndarray:
-    """24 kHz mono audio to codes `[n_codebooks, frames]` (int64), by default with the reference codec."""
-    return shared_codec(spec, ref, n_codebooks).encode(audio)
+    """24 kHz mono audio to codes `[n_codebooks, frames]` (int64), by default with the reference codec,
+    frame by frame as upstream's servers feed Moshi: frame t's codes depend on the audio up to t only."""
+    return shared_codec(spec, ref, n_codebooks).encode_steps(audio)
 
 
 def decode_codes(ref: CodecRef, codes: np.ndarray, spec: str = REFERENCE_CODEC) -> np.ndarray:

@@ -120,7 +120,8 @@ class TorchCodec(Codec):
         import torch
 
         dtype = next(self.mimi.parameters()).dtype
-        return torch.from_numpy(np.ascontiguousarray(audio)).view(1, 1, -1).to(device=self.device, dtype=dtype)
+        # a copy in torch's own (aligned) memory: kernels must not see where numpy happened to allocate
+        return torch.tensor(audio, dtype=dtype, device=self.device).view(1, 1, -1)
 
     def _codes(self, codes: np.ndarray):
         import torch

@@ -441,9 +441,13 @@ def reproduce_command(report) -> str:
     args = ["xbackend", "compare", "--backends", ",".join(req["backends"]), "--model", req["model"]]
     if req.get("model_config"):
         args += ["--model-config", req["model_config"]]
-    source = (req.get("prompt") or {}).get("source")
+    prompt = req.get("prompt") or {}
+    source = prompt.get("source")
     if source and Path(source).name != DEFAULT_PROMPT.name:
         args += ["--prompt", PROMPT_CODES]
+        frames, fed = prompt.get("frames"), prompt.get("fed_frames")
+        if isinstance(frames, int) and isinstance(fed, int) and frames < fed:  # the rest is the silence fill
+            args += ["--prompt-frames", str(frames)]
     args += ["--seed", str(req["seed"]), "--steps", str(req["steps"]), "--repeats", str(req["repeats"]),
              "--alignment", req["alignment"]]
     for key, flag in (("temp_text", "--temp-text"), ("top_k_text", "--top-k-text"),

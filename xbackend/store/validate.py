@@ -267,6 +267,7 @@ def baseline_json(source: str, baseline, setting_names: tuple[str, ...]) -> dict
     s.obj("prompt", prompt)
     s.text("prompt.file", prompt.get("file"), none=False)
     s.text("prompt.digest", prompt.get("digest"))
+    s.int("prompt.frames", prompt.get("frames"))
     for key in ("seed", "steps", "repeats"):
         s.int(key, baseline.get(key), none=False)
     s.text("alignment", baseline.get("alignment"), none=False)
