@@ -275,11 +275,12 @@ def test_recorded_inputs_replace_the_prompt_digest(tmp_path):
 def test_diff_of_real_captures_of_different_length_and_different_samplers(tmp_path):
     from xbackend.capture.run import CaptureRequest, capture
 
-    # the 24-frame prompt is padded with silence to 26 and 28 frames: different codes files, different
-    # prompt digests, but the same user inputs on the common 26 steps, which is what diff compares
+    # the 24-frame prompt is continued with silence to 26 and 28 frames: one prompt digest (of its own
+    # 24 frames) and the same user inputs on the common 26 steps, which is what diff compares
     short = capture(CaptureRequest(backend="cpu", steps=26), tmp_path / "short")
     long = capture(CaptureRequest(backend="cpu", steps=28), tmp_path / "long")
-    assert short.meta["prompt"]["digest"] != long.meta["prompt"]["digest"]
+    assert short.meta["prompt"]["digest"] == long.meta["prompt"]["digest"]
+    assert short.meta["prompt"]["fed_frames"] == 26 and long.meta["prompt"]["frames"] == 24
     r = diff(long, short)
     assert r.reasons == () and r.steps_common == 26 and r.logits_identical and r.tokens_identical
     assert r.exit_code == 0 and any("common first 26" in n for n in r.notes)

@@ -142,8 +142,11 @@ def test_prompt_of_any_rate_and_channels(tmp_path):
     assert p.codes.shape == (8, 30) and p.seconds == pytest.approx(2.0)
     assert len(np.unique(p.codes[0])) > 1
     np.save(tmp_path / "codes.npy", p.codes)
-    again = load_prompt(str(tmp_path / "codes.npy"), resolve_model("tiny"), steps=30)
+    assert p.own_frames == 25  # 2 s at 24 kHz is 25 frames; frames 25-29 are the silence fill
+    again = load_prompt(str(tmp_path / "codes.npy"), resolve_model("tiny"), steps=30, frames=p.own_frames)
     assert np.array_equal(again.codes, p.codes) and again.digest == p.digest
+    whole = load_prompt(str(tmp_path / "codes.npy"), resolve_model("tiny"), steps=30)  # a codes file is all prompt
+    assert whole.digest != p.digest and whole.own_frames == 30
 
 
 def test_a_zero_probability_native_pick_fails_the_backend(tmp_path, monkeypatch):
