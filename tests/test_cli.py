@@ -155,7 +155,7 @@ def test_diff_of_a_trace_with_no_complete_step(tmp_path):
 # --- one surface for every command ---------------------------------------------------------------
 
 COMMANDS = (["backends"], ["capture"], ["compare"], ["diff"], ["repeat"], ["report"], ["check"], ["inspect"],
-            ["baseline", "create"])
+            ["baseline", "create"], ["locate"])
 
 
 def test_version():
@@ -182,6 +182,7 @@ def test_usage_names_the_arguments():
     assert usage("diff") == "Usage: python -m xbackend diff [OPTIONS] TRACE_A TRACE_B"
     assert usage("inspect") == "Usage: python -m xbackend inspect [OPTIONS] TRACE"
     assert usage("report") == "Usage: python -m xbackend report [OPTIONS] RUN_DIR"
+    assert usage("locate") == "Usage: python -m xbackend locate [OPTIONS] RUN_DIR"
 
 
 SETTINGS = ["--temp-text", "0.5", "--top-k-text", "7", "--temp-audio", "1.1", "--top-k-audio", "9"]

@@ -28,7 +28,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("capture", ("xbackend.capture.*",)),
     ("analysis", ("xbackend.analysis", "xbackend.analysis.*")),
     ("report", ("xbackend.report", "xbackend.report.*")),
-    ("verbs", ("xbackend.compare", "xbackend.check", "xbackend.rust", "xbackend.rust.*", "xbackend.codecs.*")),
+    ("verbs", ("xbackend.compare", "xbackend.check", "xbackend.locate", "xbackend.rust", "xbackend.rust.*",
+               "xbackend.codecs.*")),
     ("cli", ("xbackend.cli", "xbackend.cli.*", "xbackend.__main__", "xbackend")),
 )
 TESTING = "xbackend.testing"  # may import anything; nothing in the library imports it

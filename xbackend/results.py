@@ -232,6 +232,7 @@ class CompareReport:
     codec: dict | None = None  # the codec that decoded audio/*.wav
     timing: dict | None = None
     words: dict | None = None  # each run's decoded text (xbackend.analysis.words)
+    locate: dict | None = None  # by backend: where in the network it parts (xbackend.locate/1, `locate`)
 
     @property
     def labels(self) -> list[str]:
@@ -269,7 +270,7 @@ class CompareReport:
             "schema": REPORT_SCHEMA, "created": self.created, "command": self.command, "request": self.request,
             "reference": self.reference, "reference_repeatability": None if ref is None else ref.to_dict(),
             "reference_warning": self.reference_warning,
-            "backends": list(self.backends), "verdicts": [v.to_dict() for v in self.verdicts],
+            "backends": list(self.backends), "verdicts": [self._located(v.to_dict()) for v in self.verdicts],
             "not_diagnosed": list(self.not_diagnosed), "repeatability": [r.to_dict() for r in self.repeatability],
             "drift": list(self.drift), "failures": list(self.failures), "traces": self.traces,
             "arbiter": self.arbiter, "expected": self.expected, "exit_code": self.exit_code,
@@ -282,7 +283,17 @@ class CompareReport:
             out["timing"] = self.timing
         if self.words is not None:
             out["words"] = self.words
+        if self.locate is not None:
+            out["locate"] = self.locate
         return out
+
+    def _located(self, verdict: dict) -> dict:
+        """A verdict's explanation with `locate`'s sentence appended (once), when it located that backend."""
+        found = (self.locate or {}).get(verdict["backend"])
+        sentence = found.get("sentence") if isinstance(found, dict) else None
+        if isinstance(sentence, str) and sentence and not verdict["explanation"].endswith(sentence):
+            verdict["explanation"] = f"{verdict['explanation']} {sentence}"
+        return verdict
 
     @staticmethod
     def from_dict(d: dict) -> CompareReport:
@@ -298,7 +309,7 @@ class CompareReport:
                 failures=tuple(d.get("failures") or ()), traces=dict(d.get("traces") or {}),
                 arbiter=d.get("arbiter"), created=d.get("created"), command=d.get("command"),
                 audio=d.get("audio"), codec=d.get("codec"), timing=d.get("timing"),
-                words=d.get("words"))
+                words=d.get("words"), locate=d.get("locate"))
         except (KeyError, TypeError, ValueError) as exc:
             raise XBackendError(f"report is missing or has a malformed field ({type(exc).__name__}: {exc})",
                                 fix="run xbackend compare again") from None

@@ -14,7 +14,7 @@ from typing import Callable
 
 from ..errors import BackendUnavailable, XBackendError
 from ..spec import BackendSpec, parse_spec
-from .base import Backend, Job, LogitsHook, StepRecord, StepRecorder
+from .base import Backend, Job, LoadHook, LogitsHook, StepRecord, StepRecorder
 
 Factory = Callable[[BackendSpec], Backend]
 _FACTORIES: dict[str, Factory] = {}
@@ -113,9 +113,20 @@ def require_available(backend: Backend) -> Backend:
     return backend
 
 
-def wrap_backend(spec: BackendSpec | str, on_logits: LogitsHook) -> Factory:
-    """A factory for `spec` whose logits pass through `on_logits(run, step, stream, logits)`
-    before sampling and recording: for fault injection and custom kernels in tests.
+def wrap_backend(spec: BackendSpec | str, on_logits: LogitsHook | None = None,
+                 on_load: LoadHook | None = None) -> Factory:
+    """A factory for `spec` with plugin hooks, for fault injection and custom kernels in tests:
+
+    - `on_logits(run, step, stream, logits) -> logits`: each stream's logits pass through it
+      before sampling and recording;
+    - `on_load(model)`: receives the loaded upstream model (moshi `LMModel` for cpu/cuda/mps,
+      moshi_mlx `Lm` for mlx) once, after its weights are loaded and before any step, and may patch
+      its modules (a forward hook, a replaced `layers[i]` that keeps the original as its only child
+      module). The run's step is in the model's own state: PyTorch
+      `transformer.layers[i]._streaming_state.offset_cpu` (the step being run, inside layer i; it
+      counts up when the layer returns), MLX `lm.transformer_cache[i].self_attn.offset` (steps
+      cached). A PyTorch backend with `on_load` runs the host path, CUDA graphs off, so a patch that
+      reads Python state runs at every step.
 
     The requested spec's device, dtype and quantization apply (registered as `flip`, the spec
     `flip:bf16` runs the wrapped backend in bf16, and is labelled and tolerated as bf16). The
@@ -132,7 +143,8 @@ def wrap_backend(spec: BackendSpec | str, on_logits: LogitsHook) -> Factory:
                       quant=requested.quant or base.quant)
         backend = inner(run) if inner is not None else create_backend(run)
         backend.label = str(requested)
-        backend.on_logits = on_logits
+        backend.on_logits = on_logits if on_logits is not None else backend.on_logits
+        backend.on_load = on_load if on_load is not None else backend.on_load
         return backend
 
     return factory

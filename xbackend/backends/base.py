@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from ..env import fingerprint, install_hint  # noqa: F401  (install_hint: its old home)
-from ..errors import BackendFailed
+from ..errors import BackendFailed, BackendUnavailable
 from ..capture.models import ModelRef
 from ..samplers import Sampler, sampled_probs
 from ..spec import BackendSpec
 
 LogitsHook = Callable[[int, int, str, np.ndarray], np.ndarray]
+LoadHook = Callable[[object], None]  # receives the loaded upstream model (moshi LMModel, moshi_mlx Lm)
 ALIGNMENTS = ("aligned", "upstream")
 
 
@@ -152,6 +153,7 @@ class Backend:
     def __init__(self, spec: BackendSpec):
         self.spec = spec
         self.on_logits: LogitsHook | None = None
+        self.on_load: LoadHook | None = None
         self.label = str(spec)
 
     def unavailable_reason(self) -> str | None:
@@ -186,3 +188,21 @@ class Backend:
 
     def generate(self, job: Job, recorder: StepRecorder, on_step: Callable[[StepRecord], None]) -> None:
         raise NotImplementedError
+
+    def upstream_model(self):
+        """The loaded upstream model (moshi `LMModel`, moshi_mlx `Lm`) that `on_load` patches, or None."""
+        return None
+
+    # --- module-level recording (`locate`); backends without a module map leave these out -------
+
+    def steps(self, job: Job, recorder: StepRecorder) -> Iterator[StepRecord]:
+        """`generate` one step per `next()`, leaving no global state changed between steps, so two
+        backends of one process can step in turn."""
+        raise BackendUnavailable(f"Backend {self.label} cannot be stepped module by module",
+                                 fix="locate runs PyTorch (cpu, cuda, mps) and MLX backends")
+
+    def layer_probe(self, entries: list):
+        """A recorder of the mapped modules' inputs and outputs (backends/modulemap.py), installed
+        on the loaded model as a context manager."""
+        raise BackendUnavailable(f"Backend {self.label} cannot record its modules",
+                                 fix="locate runs PyTorch (cpu, cuda, mps) and MLX backends")

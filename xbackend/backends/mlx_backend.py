@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -228,6 +229,12 @@ class MlxBackend(Backend):
     # --- stepping ----------------------------------------------------------------------------
 
     def generate(self, job: Job, recorder: StepRecorder, on_step: Callable[[StepRecord], None]) -> None:
+        with contextlib.closing(self.steps(job, recorder)) as steps:
+            for record in steps:
+                on_step(record)
+
+    def steps(self, job: Job, recorder: StepRecorder) -> Iterator[StepRecord]:
+        """One step per `next()`; this backend's device is MLX's default only while a step runs."""
         import mlx.core as mx
         from moshi_mlx.models import LmGen
 
@@ -241,13 +248,21 @@ class MlxBackend(Backend):
             gen = LmGen(self.lm, max_steps=job.steps + 2, text_sampler=hooks.text, audio_sampler=hooks.audio)
             self.seed_rng(job.seed)
             self.loaded["ran_on"] = str(mx.default_device())  # the stream every op of the run went to
-            for t in range(job.steps):
-                frame = job.frame(t, self.consumes_late)
-                recorder.begin(t)
+        for t in range(job.steps):
+            frame = job.frame(t, self.consumes_late)
+            recorder.begin(t)
+            with self._on_device():
                 gen.step(mx.array(frame.astype(np.int32)).reshape(1, n_user))
                 hooks.flush()
-                on_step(recorder.finish(frame))
+            yield recorder.finish(frame)
 
+    def upstream_model(self):
+        return self.lm
+
+    def layer_probe(self, entries):
+        from .mlx_probe import MlxProbe
+
+        return MlxProbe(self.lm, entries, self._on_device)
 
     def synchronize(self) -> None:
         import mlx.core as mx

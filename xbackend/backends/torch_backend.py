@@ -7,7 +7,7 @@ the duration of a run. Two paths, same traces bit for bit:
 - device (the default on CPU and CUDA): the replacement writes logits, tokens and margins into
   static device buffers and takes every decision there, so upstream's CUDA graphs stay on and
   the host receives one copy per step (pipelined one step behind the device);
-- host (plugin `on_logits` hooks, MPS, or XBACKEND_CAPTURE_PATH=host): every stream's logits go
+- host (plugin `on_logits` or `on_load` hooks, MPS, `locate`, or XBACKEND_CAPTURE_PATH=host): every stream's logits go
   to the host, which decides in numpy before the model goes on; no CUDA graphs.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -169,14 +169,15 @@ class TorchBackend(Backend):
 
         The device path computes every decision rule of samplers.py with device ops that give the
         same bits as numpy (float64), so both paths write identical traces; the host path stays for
-        plugin `on_logits` hooks (they need host logits before the decision) and for MPS (no float64).
+        plugin `on_logits` hooks (they need host logits before the decision), `on_load` patches (a patch
+        that reads Python state, e.g. the step, would be frozen into a CUDA graph) and MPS (no float64).
         """
         asked = (self.path_choice or os.environ.get(CAPTURE_PATH_ENV, "")).strip().lower() or "auto"
         if asked not in CAPTURE_PATHS:
             raise XBackendError(f"Unknown capture path {asked!r}",
                                 asked=f"{CAPTURE_PATH_ENV} takes host, device or auto",
                                 fix=f"unset {CAPTURE_PATH_ENV}, or set it to host or device")
-        if self.on_logits is not None or asked == "host" or self.host_decisions:
+        if self.on_logits is not None or self.on_load is not None or asked == "host" or self.host_decisions:
             return "host"
         if self.spec.name == "mps":
             if asked == "device":
@@ -201,6 +202,15 @@ class TorchBackend(Backend):
 
     def _generate_host(self, job: Job, recorder: StepRecorder, on_step: Callable[[StepRecord], None]) -> None:
         """Eager: every stream's logits go to the host, which decides (or checks the native pick)."""
+        with contextlib.closing(self.steps(job, recorder)) as steps:
+            for record in steps:
+                on_step(record)
+
+    def steps(self, job: Job, recorder: StepRecorder) -> Iterator[StepRecord]:
+        """The host path one step per `next()`, CUDA graphs off.
+
+        Upstream's `sample_token`, moshi's compile and graph switches and torch's grad mode are set
+        only while a step runs, so that two backends of one process may step in turn (`locate`)."""
         import torch
         from moshi.models import lm as lm_module
         from moshi.utils.compile import no_compile, no_cuda_graph
@@ -223,17 +233,26 @@ class TorchBackend(Backend):
 
         n_user = job.model.n_user
         self.seed_rng(job.seed)
-        lm_module.sample_token = hook
-        try:
-            with no_cuda_graph(), (contextlib.nullcontext() if self.compile else no_compile()), \
-                    gen.streaming(1), torch.no_grad():
-                for t in range(job.steps):
-                    frame = job.frame(t, self.consumes_late)
-                    recorder.begin(t)
-                    gen.step(torch.tensor(frame, dtype=torch.long, device=self.device).view(1, n_user, 1))
-                    on_step(recorder.finish(frame))
-        finally:
-            lm_module.sample_token = original
+        with gen.streaming(1):
+            for t in range(job.steps):
+                frame = job.frame(t, self.consumes_late)
+                recorder.begin(t)
+                lm_module.sample_token = hook
+                try:
+                    with no_cuda_graph(), (contextlib.nullcontext() if self.compile else no_compile()), \
+                            torch.no_grad():
+                        gen.step(torch.tensor(frame, dtype=torch.long, device=self.device).view(1, n_user, 1))
+                finally:
+                    lm_module.sample_token = original
+                yield recorder.finish(frame)
+
+    def upstream_model(self):
+        return self.lm
+
+    def layer_probe(self, entries):
+        from .torch_probe import TorchProbe
+
+        return TorchProbe(self.lm, entries)
 
     def _generate_device(self, job: Job, recorder: StepRecorder, on_step: Callable[[StepRecord], None]) -> None:
         """Decisions on the device, one host copy per step, upstream's CUDA graphs kept.

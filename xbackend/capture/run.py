@@ -138,6 +138,8 @@ class LoadedBackend:
             return 0.0
         started = time.perf_counter()
         self.backend.load(self.model)
+        if self.backend.on_load is not None:  # a plugin's patch of the upstream model (wrap_backend)
+            self.backend.on_load(self.backend.upstream_model())
         self.backend.synchronize()  # MPS/CUDA/MLX load asynchronously: the load ends when the weights are there
         self.loaded = True
         self.load_s = time.perf_counter() - started

@@ -321,6 +321,9 @@ def print_verdicts(report) -> None:
     console.print(table)
     for v in report.verdicts:
         console.print(f"[bold]{v.backend}[/bold] ({v.verdict}, {v.label}): {v.explanation}")
+        located = (report.locate or {}).get(v.backend) or {}
+        if located.get("sentence") or located.get("error"):
+            console.print(f"  located: {located.get('sentence') or 'not located: ' + str(located.get('error'))}")
         if v.secondary:
             console.print("  also: " + "; ".join(str(s) for s in v.secondary))
     print_words(report.words)
@@ -368,6 +371,8 @@ def compare(
     codec: str = typer.Option("torch:cpu", "--codec", help="Codec spec that decodes the generated audio (torch:cpu, mlx:cpu, candle, ...)."),
     force: bool = FORCE_OPT,
     plugin: Optional[List[Path]] = PLUGIN_OPT,
+    locate_: bool = typer.Option(False, "--locate", help="Then locate the first diverging module of every backend "
+                                 "that needs attention (`xbackend locate`)."),
     as_json: bool = JSON_OPT,
     json_out: Optional[Path] = JSON_OUT_OPT,
 ) -> None:
@@ -382,6 +387,10 @@ def compare(
     progress, on_event = run_progress()
     with progress:
         report = run_compare(req, out, on_event, min_backends=2, force=force)
+    if locate_:
+        from ..locate import locate_all
+
+        report = locate_all(out, report, plugins=req.plugins)
 
     def text() -> None:
         print_verdicts(report)
@@ -395,6 +404,40 @@ def compare(
 
     emit(report.to_dict(), as_json, json_out, text)
     raise typer.Exit(report.exit_code)
+
+
+@command()
+@friendly
+def locate(
+    run_dir: Path = typer.Argument(..., help="Run directory written by `xbackend compare`."),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Backend label of the run "
+                                          "(default: the first whose verdict needs attention)."),
+    at: Optional[int] = typer.Option(None, "--at", help="Step S to locate (default: the verdict's first divergence)."),
+    window: int = typer.Option(4, "--window", help="Steps ending at S whose module outputs are compared."),
+    model: Optional[str] = typer.Option(None, help="The run's model, if it moved (must match its digest)."),
+    plugin: Optional[List[Path]] = PLUGIN_OPT,
+    as_json: bool = JSON_OPT,
+    json_out: Optional[Path] = JSON_OUT_OPT,
+) -> None:
+    """Re-run a backend and the reference module by module: the first module that diverges, and which amplifies it."""
+    from ..locate import LocateRequest, run_locate
+
+    result = run_locate(LocateRequest(run_dir=str(run_dir), backend=backend, at=at, window=window,
+                                      plugins=tuple(str(p) for p in plugin or []), model=model))
+    emit(result.to_dict(), as_json, json_out, lambda: print_located(result))
+    raise typer.Exit(1 if result.first is not None else 0)
+
+
+def print_located(result) -> None:
+    typer.echo(f"{result.backend} against {result.reference}, steps {result.window[0]}-{result.window[1]}:")
+    typer.echo(result.sentence())
+    if result.amplifier:
+        a = result.amplifier
+        typer.echo(f"amplifier: {a['module']} at step {a['step']} (LEMON score {a['score']:.3g}, after {a['previous']})")
+    for row in [r for r in result.modules if r["over"] or r["isolated_over"]][:8]:
+        typer.echo(f"  over: {row['module']:<40} propagated {row['max_abs']:.3g} (tol {row['tolerance']:.3g}), "
+                   f"isolated {row['isolated_max_abs']:.3g}")
+    typer.echo(f"took {result.run.get('seconds_total', 0):.1f} s; written to report.json (locate)")
 
 
 @command()

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..analysis import metrics
 from ..errors import XBackendError
+from .locate import locate_section, write_locate_plots
 from .markdown import details, md_table
 from ..results import Point, Verdict, where
 from ..store.rundir import FORCED, NATIVE_0, PORTABLE, PROMPT_CODES, REPORT_JSON, RunDir, load_run, native, safe_name
@@ -623,7 +624,8 @@ def _bundle_section(plan: BundlePlan) -> list[str]:
     return out + [""]
 
 
-def render_markdown(run: RunDir, divs: list[Divergence], plots: dict[str, Path], plan: BundlePlan) -> str:
+def render_markdown(run: RunDir, divs: list[Divergence], plots: dict[str, Path], plan: BundlePlan,
+                    located: dict[str, Path] | None = None) -> str:
     report = run.report
     req = report.request
     from ..env import __version__
@@ -632,7 +634,8 @@ def render_markdown(run: RunDir, divs: list[Divergence], plots: dict[str, Path],
             f"Reference **{report.reference}**; seed {req['seed']}, {req['steps']} steps, {req['repeats']} native "
             f"runs per backend, alignment `{req['alignment']}`; xbackend {__version__}; run {report.created}.", ""]
     body = (_verdict_section(report) + _words_section(report) + _divergence_section(divs) + _drift_section(run, plots)
-            + _arbiter_section(report) + _reproduce_section(report) + _env_section(report) + _bundle_section(plan))
+            + locate_section(run, located or {}) + _arbiter_section(report) + _reproduce_section(report)
+            + _env_section(report) + _bundle_section(plan))
     if report.failures:
         body += ["## Failures", "", md_table(["run", "status", "error", "failed at", "steps done"],
                                              [[f["run"], f["status"], f.get("error"), where(f.get("failed_at")),
@@ -659,13 +662,14 @@ def write_report(run_dir: str | Path, limit: int = BUNDLE_LIMIT) -> ReportFiles:
         raise XBackendError(f"{run.path / PLOTS} is a symbolic link; report writes through none",
                             fix="remove the link (report recreates the folder)")
     plots = write_plots(run)
+    located = write_locate_plots(run, save_figure)
     divs = divergences(run)
-    extras = [run.path / REPORT_JSON, *plots.values()]
+    extras = [run.path / REPORT_JSON, *plots.values(), *located.values()]
     if (run.path / PROMPT_CODES).is_file() and not (run.path / PROMPT_CODES).is_symlink():
         extras.append(run.path / PROMPT_CODES)
     budget = limit - _MD_RESERVE - sum(p.stat().st_size + 1024 for p in extras)
     plan = plan_bundle(run, budget)
     md = run.path / REPORT_MD
-    write_bytes_atomic(md, render_markdown(run, divs, plots, plan).encode())
+    write_bytes_atomic(md, render_markdown(run, divs, plots, plan, located).encode())
     bundle = write_bundle(run, plan, [md, *extras], run.path / BUNDLE)
-    return ReportFiles(md, tuple(plots.values()), bundle, bundle.stat().st_size, plan)
+    return ReportFiles(md, (*plots.values(), *located.values()), bundle, bundle.stat().st_size, plan)

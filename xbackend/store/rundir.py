@@ -97,6 +97,7 @@ def clear_previous_run(out: Path) -> list[Path]:
         labels, audio = [], []
     for label in labels:
         unlink(out / "plots" / f"drift-{safe_name(str(label))}.png")
+        unlink(out / "plots" / f"locate-{safe_name(str(label))}.png")
     for rel in audio:
         if re.fullmatch(r"audio/[A-Za-z0-9_.-]+\.wav", rel):
             unlink(out / rel)

@@ -200,6 +200,11 @@ def report_json(source: str, report) -> dict:
         for j, sec in enumerate(s.lst(f"verdicts[{i}].secondary", v.get("secondary"), none=True)):
             s.obj(f"verdicts[{i}].secondary[{j}]", sec)
             s.text(f"verdicts[{i}].secondary[{j}].verdict", sec.get("verdict"), none=False)
+    if s.obj("locate", report.get("locate"), none=True):
+        for label, entry in report["locate"].items():
+            s.obj(f"locate.{label}", entry)
+            s.text(f"locate.{label}.sentence", entry.get("sentence"))
+            s.text(f"locate.{label}.error", entry.get("error"))
     req = report.get("request")
     s.obj("request", req)
     s.lst("request.backends", req.get("backends"))
