@@ -14,7 +14,7 @@ import json
 import time
 
 from xbackend.locate import DEFAULT_WINDOW, LocateRequest, run_locate
-from xbackend.rundir import load_run
+from xbackend.store.rundir import load_run
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ STEPS = 9  # locate through step 8, window 4: steps 5..8
 def job(model, steps: int = STEPS):
     """Teacher forcing on fixed random tokens: any tokens will do to compare two backends' modules."""
     from xbackend.backends import Job
-    from xbackend.prompt import load_prompt
+    from xbackend.capture.prompt import load_prompt
     from xbackend.samplers import Sampler, SamplingSettings
 
     rng = np.random.default_rng(7)
@@ -32,8 +32,8 @@ def job(model, steps: int = STEPS):
 
 def session(spec: str, on_load=None):
     from xbackend.backends import create_backend, require_available, wrap_backend
-    from xbackend.capture import LoadedBackend
-    from xbackend.models import resolve_model
+    from xbackend.capture.run import LoadedBackend
+    from xbackend.capture.models import resolve_model
 
     backend = wrap_backend(spec, on_load=on_load)(None) if on_load else create_backend(spec)
     return LoadedBackend(require_available(backend), resolve_model("tiny"))
