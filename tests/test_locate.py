@@ -256,6 +256,39 @@ def _flatten(tree, prefix=""):
         yield prefix[:-1], tree
 
 
+# --- on_load through compare's workers and --plugin -----------------------------------------------
+
+PLUGIN = """
+import xbackend
+
+def on_load(lm):  # layer 1's gating output x1.5 from step 6 on
+    layer = lm.transformer.layers[1]
+    layer.gating.register_forward_hook(
+        lambda m, args, out: out * 1.5 if layer._streaming_state.offset_cpu >= 6 else out)
+
+xbackend.register_backend("faulty", xbackend.wrap_backend("cpu", on_load=on_load))
+"""
+
+
+def test_on_load_fault_through_compare_is_located_by_the_cli(tmp_path):
+    """The fault runs in compare's worker (the verdict sees it at step 6) and in locate's process
+    (--plugin): locate's defaults (the backend needing attention, its first divergence) find it."""
+    plugin = tmp_path / "faulty.py"
+    plugin.write_text(PLUGIN)
+    out = tmp_path / "run"
+    proc = run_cli("compare", "--backends", "cpu,faulty", "--steps", "10", "--repeats", "1", "--arbiter", "none",
+                   "--plugin", str(plugin), "--out", str(out))
+    assert proc.returncode == 1, proc.stderr
+    (verdict,) = json.loads((out / "report.json").read_text())["verdicts"]
+    assert verdict["verdict"] == "SEMANTIC_MISMATCH" and verdict["first_divergence"]["step"] == FROM
+    proc = run_cli("locate", str(out), "--plugin", str(plugin))
+    assert proc.returncode == 1, proc.stderr
+    assert "First diverges in transformer.layers.1.gating at step 6 (propagated and isolated;" in proc.stdout
+    located = json.loads((out / "report.json").read_text())["locate"]["faulty"]
+    assert located["window"] == [3, 6] and located["run"]["reproduces"]["identical"] is True
+    assert_clean_error(run_cli("locate", str(out)), 2, "unknown backend 'faulty'", "--plugin")
+
+
 # --- the CLI on a real compare run: context 50 ---------------------------------------------------
 
 @needs_mlx

@@ -433,7 +433,8 @@ def print_located(result) -> None:
     typer.echo(result.sentence())
     if result.amplifier:
         a = result.amplifier
-        typer.echo(f"amplifier: {a['module']} at step {a['step']} (LEMON score {a['score']:.3g}, after {a['previous']})")
+        typer.echo(f"amplifier: {a['module']} at step {a['step']} (LEMON score {a['score']:.3g}, after "
+                   f"{a['previous'] or 'the input'})")
     for row in [r for r in result.modules if r["over"] or r["isolated_over"]][:8]:
         typer.echo(f"  over: {row['module']:<40} propagated {row['max_abs']:.3g} (tol {row['tolerance']:.3g}), "
                    f"isolated {row['isolated_max_abs']:.3g}")
