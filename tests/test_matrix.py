@@ -221,3 +221,44 @@ def test_flat_env_is_bounded():
     assert len(flat) <= 256 and all(len(v) <= 120 for v in flat.values())
     assert "a.b.c.d.e.f" not in flat and "list" not in flat
     assert np.all([isinstance(v, str) for v in flat.values()])
+
+
+# --------------------------------------------------------------------------- known issues through check and report
+# (here, on the same captures: a fingerprint claiming PyTorch 2.8.0 on MPS, the F.linear entry's)
+
+MPS_28 = {"device": "mps", "versions": {"torch": "2.8.0"}}
+
+
+def test_check_records_known_issues_and_a_failed_check_they_could_explain_says_so(captured, tmp_path):
+    run = machine(captured, tmp_path / "run", "Apple M2", other_logits=True, env=MPS_28)
+    proc = run_cli("check", "--baseline", str(captured / "baseline"), "--run", str(run), "--json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert {a["id"] for a in result["advisories"] if a["backend"] == "cpu"} >= {"torch-2.8-mps-linear-noncontiguous"}
+    assert not [a for a in result["advisories"] if a["backend"].endswith("(baseline)")]  # the baseline ran on Linux
+    logits = next(c for c in result["checks"] if c["backend"] == "cpu" and c["check"] == "logits")
+    assert logits["status"] == "fail" and logits["figures"]["max_abs"] > 100 * logits["figures"]["tolerance"]
+    assert "A known issue could explain this (cpu: torch 2.8.0 on MPS: F.linear wrong" in logits["message"]
+    passed = [c for c in result["checks"] if c["status"] == "pass"]
+    assert passed and not any("known issue" in c["message"] for c in passed)
+    text = run_cli("check", "--baseline", str(captured / "baseline"), "--run", str(run))
+    assert "known issue: cpu: torch 2.8.0 on MPS: F.linear wrong on non-contiguous inputs, pytorch#161640" in text.stdout
+
+    plain = run_cli("check", "--baseline", str(captured / "baseline"), "--run", str(captured / "run"), "--json")
+    assert plain.returncode == 0 and json.loads(plain.stdout)["advisories"] == []
+
+
+def test_report_lists_known_issues_and_the_verdicts_they_could_explain(captured, tmp_path):
+    run = machine(captured, tmp_path / "run", "Apple M2", env=MPS_28)
+    proc = run_cli("report", str(run), "--json")
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)["advisories"]
+    assert {a["backend"] for a in found} == {"cpu", "cpu:bf16"}
+    md = (run / "report.md").read_text()
+    section = md.split("## Known issues", 1)[1].split("\n## ", 1)[0]
+    assert "torch 2.8.0 on MPS: F.linear wrong on non-contiguous inputs, pytorch#161640" in section
+    verdict = json.loads((run / "report.json").read_text())["verdicts"][0]
+    assert verdict["verdict"] == "NUMERIC_DIVERGENCE" and not verdict["expected"]
+    assert "- **cpu:bf16** (NUMERIC_DIVERGENCE) could be explained by: " in section
+    plain = machine(captured, tmp_path / "plain", "Apple M2")
+    assert run_cli("report", str(plain)).returncode == 0 and "## Known issues" not in (plain / "report.md").read_text()

@@ -17,8 +17,15 @@ from dataclasses import asdict, dataclass
 
 TABLE_VERSION = 1
 
-NUMERIC = ("NUMERIC_DRIFT", "NUMERIC_DIVERGENCE")
-NONDETERMINISTIC = ("NONDETERMINISTIC_KERNELS",)
+# What a known issue does to a run; a verdict (or a failed check, or a matrix cell) is explained by the
+# issues whose effect could produce it.
+LOGITS = "logits"  # the logits themselves change (precision, a wrong kernel)
+NATIVE_TOKENS = "native-tokens"  # only the library's own sampler picks other tokens
+NONDETERMINISM = "nondeterminism"  # repeats on identical inputs differ
+EFFECTS = (LOGITS, NATIVE_TOKENS, NONDETERMINISM)
+VERDICT_EFFECTS = {"NUMERIC_DRIFT": (LOGITS,), "NUMERIC_DIVERGENCE": (LOGITS,), "SEMANTIC_MISMATCH": (LOGITS,),
+                   "SAMPLER_DIVERGENCE": (NATIVE_TOKENS,), "NONDETERMINISTIC_SAMPLER": (NATIVE_TOKENS,),
+                   "NONDETERMINISTIC_KERNELS": (NONDETERMINISM,)}
 DEVICES = {"mps": "MPS", "gpu": "the Metal GPU (MLX)"}
 
 
@@ -33,7 +40,7 @@ class Advisory:
     condition: str
     effect: str
     link: str
-    explains: tuple[str, ...]  # verdicts this issue could produce
+    effects: tuple[str, ...]  # EFFECTS: what the issue does to a run
     chip_min: int | None = None  # Apple M-generation from which the issue holds (M5 -> 5)
     dtypes: tuple[str, ...] | None = None  # only runs computing in these dtypes
     knob: str | None = None  # a fingerprint knob that must be on: see `_knob_on`
@@ -54,27 +61,27 @@ ADVISORIES: tuple[Advisory, ...] = (
         condition="native sampling (exponential_ then argmax, as moshi's multinomial does) on MPS",
         effect="exponential_ emits exact -0.0, so a zero-probability token becomes NaN and argmax can pick it",
         link="pytorch#192577 (fix: pytorch#192621)",
-        explains=("SAMPLER_DIVERGENCE", "NONDETERMINISTIC_SAMPLER", "NUMERIC_DIVERGENCE")),
+        effects=(NATIVE_TOKENS,)),
     Advisory(
         id="torch-2.8-mps-linear-noncontiguous", library="torch", versions=("2.8.0", "2.9"), device="mps",
         condition="F.linear on MPS with non-contiguous inputs (the no-graph fast path)",
         effect="F.linear wrong on non-contiguous inputs", link="pytorch#161640 (fix: pytorch#161641, in 2.9)",
-        explains=(*NUMERIC, "SEMANTIC_MISMATCH")),
+        effects=(LOGITS,)),
     Advisory(
         id="torch-mps-index-put-nondeterministic", library="torch", versions=(None, None), device="mps",
         condition="index_put_ / index_add on MPS, even under torch.use_deterministic_algorithms(True)",
         effect="index_put_/index_add nondeterministic even under use_deterministic_algorithms",
-        link="pytorch#97574, pytorch#161029", explains=NONDETERMINISTIC),
+        link="pytorch#97574, pytorch#161029", effects=(NONDETERMINISM,)),
     Advisory(
         id="mlx-m5-tf32-default", library="mlx", versions=("0.30.0", None), device="gpu", chip_min=5,
         dtypes=("fp32",), knob="MLX_ENABLE_TF32",
         condition="fp32 on an M5 (or later) GPU with MLX_ENABLE_TF32 unset or 1 (its default)",
         effect="fp32 matmul and SDPA run at TF32-class precision (M1-M4 stay full fp32; MLX_ENABLE_TF32=0 restores "
-               "fp32)", link="mlx#3534", explains=NUMERIC),
+               "fp32)", link="mlx#3534", effects=(LOGITS,)),
     Advisory(
         id="mlx-metal-not-bitwise-repeatable", library="mlx", versions=(None, None), device="gpu",
         condition="MLX on the Metal GPU", effect="run-to-run bitwise identity is not promised (GPU reductions)",
-        link="mlx#878", explains=NONDETERMINISTIC),
+        link="mlx#878", effects=(NONDETERMINISM,)),
 )
 
 
@@ -167,13 +174,23 @@ def matching(env) -> list[Advisory]:
 def advise(envs: dict[str, dict | None]) -> list[dict]:
     """Every match, per backend (or cell) label: what report.json, check.json and matrix.json record."""
     return [{"backend": label, "id": a.id, "text": a.text(env["versions"][a.library]), "link": a.link,
-             "explains": list(a.explains), "condition": a.condition, "table_version": TABLE_VERSION}
+             "effects": list(a.effects), "condition": a.condition, "table_version": TABLE_VERSION}
             for label, env in envs.items() for a in matching(env)]
 
 
-def explaining(found: list[dict], backends: tuple[str, ...], verdicts: tuple[str, ...]) -> list[dict]:
-    """The recorded matches of `backends` that could explain any of `verdicts`."""
-    return [m for m in found if m["backend"] in backends and set(m["explains"]) & set(verdicts)]
+def verdict_effects(verdict: str, figures: dict | None = None) -> tuple[str, ...]:
+    """What could have produced a verdict; a numeric divergence of native runs (same sampler, same seed)
+    can also come from the sampler's own arithmetic."""
+    effects = VERDICT_EFFECTS.get(verdict, ())
+    if verdict == "NUMERIC_DIVERGENCE" and (figures or {}).get("numeric_cause") == "native":
+        effects += (NATIVE_TOKENS,)
+    return effects
+
+
+def explaining(found: list[dict], backends: tuple[str, ...], effects: tuple[str, ...]) -> list[dict]:
+    """The recorded matches of `backends` whose effect is one of `effects`."""
+    return [m for m in found if m["backend"] in backends and isinstance(m.get("effects"), list)
+            and set(m["effects"]) & set(effects)]
 
 
 def sentence(found: list[dict]) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .analysis import metrics
 from .store import validate
-from .advisories import NONDETERMINISTIC, NUMERIC, advise, explaining, sentence
+from .advisories import LOGITS, NONDETERMINISM, advise, explaining, sentence, verdict_effects
 from .compare import CompareRequest, EventFn, run_compare
 from .errors import BackendFailed, XBackendError
 from .report.markdown import md_table
@@ -449,14 +449,15 @@ def run_check(baseline_dir: str | Path, *, model: str | None = None, seed: int |
                        round(time.perf_counter() - started, 3), tuple(found))
 
 
-# What each failed check may come from, in verdict words (the advisories table's `explains`).
-CHECK_CAUSES = {"logits": NUMERIC, "tokens": ("NUMERIC_DIVERGENCE",), "repeatability": NONDETERMINISTIC}
+# What each failed check may come from (`advisories.EFFECTS`): logits and the portable tokens they decide,
+# repeats that differ.
+CHECK_CAUSES = {"logits": (LOGITS,), "tokens": (LOGITS,), "repeatability": (NONDETERMINISM,)}
 
 
 def with_known_issues(r: CheckResult, found: list[dict]) -> CheckResult:
     """A failed check that a known issue of its backend (fresh or baseline machine) could explain says so."""
-    causes = (r.figures.get("got"),) if r.check == "verdict" else CHECK_CAUSES.get(r.check, ())
-    known = explaining(found, (r.backend, f"{r.backend} (baseline)"), tuple(c for c in causes if c)) if r.failed else []
+    causes = verdict_effects(str(r.figures.get("got"))) if r.check == "verdict" else CHECK_CAUSES.get(r.check, ())
+    known = explaining(found, (r.backend, f"{r.backend} (baseline)"), causes) if r.failed else []
     if not known:
         return r
     return replace(r, message=r.message + sentence(known), figures={**r.figures, "known_issues": known})

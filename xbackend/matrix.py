@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .analysis import metrics
-from .advisories import NUMERIC, advise, explaining
+from .advisories import LOGITS, NATIVE_TOKENS, advise, explaining
 from .errors import XBackendError
 from .results import Point, exit_code, times, where
 from .store.rundir import NATIVE_0, REPORT_JSON, TRACES, RunDir, load_run, safe_name
@@ -338,6 +338,14 @@ def compare_cell(machine: str, backend: str, ref: Trace, other: Trace) -> Cell:
                 Point.from_dict(drift["at"]) if drift and drift["at"] else None)
 
 
+def cell_effects(c: Cell) -> tuple[str, ...]:
+    """What could make a diverged cell: logits beyond tolerance, and (native runs) tokens the sampler picked."""
+    if c.status != "diverged":
+        return ()
+    beyond = c.max_abs is None or c.tolerance is None or c.max_abs > c.tolerance
+    return ((LOGITS,) if beyond else ()) + ((NATIVE_TOKENS,) if c.first_divergence is not None else ())
+
+
 def flat_env(env, prefix: str = "", depth: int = 0) -> dict[str, str]:
     """A fingerprint as `chip`, `versions.mlx`, `env.MLX_ENABLE_TF32` ... -> text (bounded: untrusted)."""
     out: dict[str, str] = {}
@@ -420,7 +428,7 @@ def build_matrix(sources: list[Source], reference: str | None = None) -> MatrixR
                 cell = Cell(m, b, "missing")
             else:
                 cell = compare_cell(m, b, base, usable[m])
-            known = explaining(found, (f"{m}/{b}", f"{ref_name}/{b}"), NUMERIC) if cell.status == "diverged" else []
+            known = explaining(found, (f"{m}/{b}", f"{ref_name}/{b}"), cell_effects(cell))
             cells.append(replace(cell, group=index.get(m), known_issues=tuple(known), env=member_envs[m]))
     machines = tuple({"name": s.name, "path": str(s.path), "kind": s.kind,
                       "chip": _first(s, "chip"), "os": _first(s, "os")} for s in sources)

@@ -266,9 +266,9 @@ class CompareReport:
 
     def known_issues(self, v: Verdict) -> list[dict]:
         """The matches, of the backend or of its reference, that could explain a verdict needing attention."""
-        from .advisories import explaining
+        from .advisories import explaining, verdict_effects
 
-        return [] if v.expected else explaining(self.advisories, (v.backend, v.vs), (v.verdict,))
+        return [] if v.expected else explaining(self.advisories, (v.backend, v.vs), verdict_effects(v.verdict, v.figures))
 
     def verdict_for(self, backend: str) -> Verdict | None:
         return next((v for v in self.verdicts if v.backend == backend), None)
