@@ -639,7 +639,7 @@ def check(
 def matrix(
     dirs: List[Path] = typer.Argument(..., help="Run directories, baselines or unpacked bundles, one per machine."),
     reference: Optional[str] = typer.Option(None, "--reference", metavar="MACHINE",
-                                            help="Machine (directory name) the others are held to [default: the first]."),
+                                            help="Machine (directory name) the others are held to (default: the first)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write matrix.json, report.md and matrix.png here."),
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
