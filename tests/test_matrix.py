@@ -262,3 +262,17 @@ def test_report_lists_known_issues_and_the_verdicts_they_could_explain(captured,
     assert "- **cpu:bf16** (NUMERIC_DIVERGENCE) could be explained by: " in section
     plain = machine(captured, tmp_path / "plain", "Apple M2")
     assert run_cli("report", str(plain)).returncode == 0 and "## Known issues" not in (plain / "report.md").read_text()
+
+
+def test_the_fleet_guide_calls_real_options():
+    """The README's fleet job: every `xbackend` command it runs exists and takes the options it passes."""
+    from .helpers import ROOT
+
+    section = (ROOT / "README.md").read_text().split("### One answer for the fleet", 1)[1]
+    workflow = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    calls = [line.split("run: ", 1)[1].split() for line in workflow.splitlines() if "run: xbackend " in line]
+    assert [c[1] for c in calls] == ["matrix"]
+    for call in calls:
+        helptext = run_cli(call[1], "--help", env={"COLUMNS": "200"}).stdout
+        for flag in (a for a in call if a.startswith("--")):
+            assert flag in helptext, (call[1], flag)
