@@ -154,6 +154,23 @@ def test_a_known_issue_on_a_diverged_cell_says_so(captured, tmp_path):
     assert "known issue: b/cpu: torch 2.8.0 on MPS: F.linear wrong on non-contiguous inputs, pytorch#161640" in text.stdout
 
 
+def test_machines_that_ran_other_backends(captured, tmp_path):
+    """A machine without a backend (no mps on a hosted VM) shows it as missing, and needs no attention for it."""
+    full, cpu_only = machine(captured, tmp_path / "full", "Apple M4"), machine(captured, tmp_path / "cpu-only", "Intel")
+
+    def drop(r):
+        r["backends"] = [b for b in r["backends"] if b["name"] == "cpu"]
+        r["traces"] = {"cpu": r["traces"]["cpu"]}
+    edit_json(cpu_only / "report.json", drop)
+    shutil.rmtree(cpu_only / "traces" / "cpu_bf16")
+    result = run_matrix([full, cpu_only])
+    assert result.exit_code == 0 and result.cell("cpu-only", "cpu:bf16").status == "missing"
+    assert result.cell("cpu-only", "cpu").status == "identical"
+    swapped = run_matrix([full, cpu_only], reference="cpu-only")
+    assert swapped.backends == ("cpu", "cpu:bf16") and swapped.cell("full", "cpu:bf16").status == "missing"
+    assert any(line.startswith("cpu:bf16: no run on the reference machine cpu-only") for line in swapped.answer)
+
+
 @pytest.mark.parametrize("key, value, needle", [
     ("seed", 7, "its seed is 7"),
     ("steps", STEPS - 1, f"its steps is {STEPS - 1}"),

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .analysis import metrics
+from .analysis.metrics import finite_or_none
 from .advisories import LOGITS, NATIVE_TOKENS, advise, explaining
 from .errors import XBackendError
 from .results import Point, exit_code, times, where
@@ -140,7 +141,8 @@ def load_source(path: str | Path, name: str) -> Source:
 def _check_trace(path: Path, label: str, trace: Trace, same: dict) -> None:
     """A trace must record what its directory says was run (a crafted one could claim another seed)."""
     meta = trace.meta
-    got = {"model digest": (meta.get("model") or {}).get("digest"), "seed": meta.get("seed"),
+    got = {"model digest": (meta.get("model") or {}).get("digest"), "prompt digest": (meta.get("prompt") or {}).get("digest"),
+           "seed": meta.get("seed"),
            "sampling settings": SamplingSettings.from_meta(meta) if meta.get("settings") is not None else None}
     for key, value in got.items():
         if value is not None and value != same[key]:
@@ -185,7 +187,7 @@ class Cell:
                 "tolerance": self.tolerance, "steps": self.steps,
                 "first_bitwise_difference": self.first_bitwise_difference,
                 "first_divergence": None if self.first_divergence is None else self.first_divergence.to_dict(),
-                "max_abs": self.max_abs, "max_abs_at": None if self.max_abs_at is None else self.max_abs_at.to_dict(),
+                "max_abs": finite_or_none(self.max_abs), "max_abs_at": None if self.max_abs_at is None else self.max_abs_at.to_dict(),
                 "group": self.group, "known_issues": list(self.known_issues), "env": self.env}
 
     @staticmethod
@@ -261,6 +263,11 @@ class MatrixReport:
             groups = self.groups_of(b)
             if not groups:
                 out.append(f"{b}: no machine has a run to compare")
+                continue
+            ref_cell = self.cell(self.reference, b)
+            if ref_cell is None or ref_cell.status != "reference":
+                out.append(f"{b}: no run on the reference machine {self.reference} to hold the others to; "
+                           + "; ".join(f"group {g.index}: {', '.join(g.machines)}" for g in groups))
                 continue
             if len(groups) == 1:
                 out.append(f"{b}: all {len(groups[0].machines)} machines agree bitwise over {groups[0].steps} steps "
