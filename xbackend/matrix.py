@@ -88,7 +88,7 @@ def _native0(root: Path, rel: str, label: str, notes: list[str]) -> tuple[Path |
     return first, first is not None
 
 
-def _load(path: Path, label: str) -> Trace:
+def _load(path: Path) -> Trace:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TruncatedTraceWarning)  # a run cut short is compared as far as it got
         return load_trace(path)
@@ -131,7 +131,7 @@ def load_source(path: str | Path, name: str) -> Source:
     for label, rel in dirs.items():
         where_, trimmed = _native0(path, rel, label, notes)
         kind = "bundle" if trimmed else kind
-        traces[label] = _load(where_, label) if where_ is not None else None
+        traces[label] = _load(where_) if where_ is not None else None
         if traces[label] is not None:
             _check_trace(path, label, traces[label], same)
             envs[label] = traces[label].meta.get("env") or envs.get(label)
