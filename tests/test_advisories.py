@@ -10,7 +10,7 @@ import pytest
 from xbackend.advisories import (ADVISORIES, EFFECTS, LOGITS, TABLE_VERSION, advise, applies, explaining, in_range,
                                  matching, table, verdict_effects)
 from xbackend.compare import with_known_issues
-from xbackend.explain import explain
+from xbackend.analysis.explain import explain
 from xbackend.results import CompareReport, Verdict
 
 

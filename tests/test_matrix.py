@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xbackend import metrics
-from xbackend.matrix import MatrixReport, flat_env, run_matrix, separating
-from xbackend.trace import load_trace
+from xbackend.analysis import metrics
+from xbackend.analysis.matrix import MatrixReport, flat_env, separating
+from xbackend.matrix import run_matrix
+from xbackend.store.trace import load_trace
 
 from .helpers import assert_clean_error, needs_tiny, run_cli
 

@@ -651,13 +651,13 @@ def matrix(
     result = run_matrix(dirs, reference)
     files = {}
     if out is not None:
-        from ..matrix_report import write_matrix
+        from ..report.matrix import write_matrix
 
         files = write_matrix(result, out, force=force)
     data = {**result.to_dict(), "files": {k: str(v) for k, v in files.items()}}
 
     def text() -> None:
-        from ..matrix_report import cell_text
+        from ..report.matrix import cell_text
 
         rows = [[c.machine, c.backend, c.env.get("chip", "-"), cell_text(c), c.drift_text(),
                  "-" if c.group is None else str(c.group)] for c in result.cells]

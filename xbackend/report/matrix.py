@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import XBackendError
-from .report.markdown import details, md_table
-from .matrix import MatrixReport
-from .results import where
+from ..errors import XBackendError
+from .markdown import details, md_table
+from ..analysis.matrix import MatrixReport
+from ..results import where
 
 MATRIX_JSON = "matrix.json"
 REPORT_MD = "report.md"
@@ -85,7 +85,7 @@ def plot_matrix(m: MatrixReport, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report.plots import save_figure
+    from .plots import save_figure
 
     names = [d["name"] for d in m.machines]
     names = [m.reference] + [n for n in names if n != m.reference]
@@ -110,8 +110,8 @@ def plot_matrix(m: MatrixReport, path: Path) -> Path:
 
 def write_matrix(m: MatrixReport, out: str | Path, *, force: bool = False) -> dict[str, Path]:
     """matrix.json, report.md and matrix.png in `out` (claimed as matrix output; never one of the inputs)."""
-    from .store.claim import claim, overlaps
-    from .store.trace import write_bytes_atomic, write_json_atomic
+    from ..store.claim import claim, overlaps
+    from ..store.trace import write_bytes_atomic, write_json_atomic
 
     out = Path(out)
     for p in (Path(d["path"]) for d in m.machines):
