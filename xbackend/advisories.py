@@ -56,28 +56,37 @@ class Advisory:
 
 
 ADVISORIES: tuple[Advisory, ...] = (
+    # Reported on torch 2.13.0 (M1 Pro, macOS 15.7.7); fixed on main by #192621, in a release the sources do
+    # not name: 2.13.x only (earlier versions were not reported). moshi samples exactly so (utils/sampling.py).
     Advisory(
-        id="torch-mps-exponential-negative-zero", library="torch", versions=(None, "2.14"), device="mps",
+        id="torch-mps-exponential-negative-zero", library="torch", versions=("2.13.0", "2.14"), device="mps",
         condition="native sampling (exponential_ then argmax, as moshi's multinomial does) on MPS",
         effect="exponential_ emits exact -0.0, so a zero-probability token becomes NaN and argmax can pick it",
         link="pytorch#192577 (fix: pytorch#192621)",
         effects=(NATIVE_TOKENS,)),
+    # #161641 "Fixes #161640" (the no-graph MPS path on non-contiguous tensors); backport #162779 for 2.8.0;
+    # fixed in 2.9.0 (TransformerLens#1271, pytorch#197796).
     Advisory(
         id="torch-2.8-mps-linear-noncontiguous", library="torch", versions=("2.8.0", "2.9"), device="mps",
         condition="F.linear on MPS with non-contiguous inputs (the no-graph fast path)",
         effect="F.linear wrong on non-contiguous inputs", link="pytorch#161640 (fix: pytorch#161641, in 2.9)",
         effects=(LOGITS,)),
+    # #97574 (open, since torch 2.1 nightlies) and #161029 (open, 2025: MPS has no deterministic index ops);
+    # no release is named as fixed.
     Advisory(
         id="torch-mps-index-put-nondeterministic", library="torch", versions=(None, None), device="mps",
         condition="index_put_ / index_add on MPS, even under torch.use_deterministic_algorithms(True)",
         effect="index_put_/index_add nondeterministic even under use_deterministic_algorithms",
         link="pytorch#97574, pytorch#161029", effects=(NONDETERMINISM,)),
+    # mlx#3534: M5 fp32 matmul/SDPA lose precision since 0.30.0 (0.29.4 fine, M4 fine); the cause is the
+    # MLX_ENABLE_TF32 default of 1 (mlx#3860, #3883, #3894: M5 and newer run them on the neural accelerators).
     Advisory(
         id="mlx-m5-tf32-default", library="mlx", versions=("0.30.0", None), device="gpu", chip_min=5,
         dtypes=("fp32",), knob="MLX_ENABLE_TF32",
         condition="fp32 on an M5 (or later) GPU with MLX_ENABLE_TF32 unset or 1 (its default)",
         effect="fp32 matmul and SDPA run at TF32-class precision (M1-M4 stay full fp32; MLX_ENABLE_TF32=0 restores "
                "fp32)", link="mlx#3534", effects=(LOGITS,)),
+    # mlx#878: Metal reductions differ run to run; the maintainers: run-to-run bitwise identity is not expected.
     Advisory(
         id="mlx-metal-not-bitwise-repeatable", library="mlx", versions=(None, None), device="gpu",
         condition="MLX on the Metal GPU", effect="run-to-run bitwise identity is not promised (GPU reductions)",
