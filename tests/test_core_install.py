@@ -97,9 +97,11 @@ def test_matrix_of_machines(core, tmp_path):
     """CI artifacts of several machines, aggregated where no framework is installed."""
     venv, _ = core
     run = synthetic_run(tmp_path / "m1", steps=20, vocab=(64,) + (32,) * 8)
-    digest = json.loads((run / "report.json").read_text())["request"]["model_digest"]
-    for meta in run.glob("traces/*/*/meta.json"):  # the synthetic traces name a model of their own
-        meta.write_text(json.dumps({**json.loads(meta.read_text()), "model": {"name": "moshiko-7b", "digest": digest}}))
+    request = json.loads((run / "report.json").read_text())["request"]
+    for meta in run.glob("traces/*/*/meta.json"):  # the synthetic traces name a model and prompt of their own
+        edited = {**json.loads(meta.read_text()), "model": {"name": "moshiko-7b", "digest": request["model_digest"]}}
+        edited["prompt"] = {**edited["prompt"], "digest": request["prompt"]["digest"]}
+        meta.write_text(json.dumps(edited))
     shutil.copytree(run, tmp_path / "m2")
     meta = tmp_path / "m2" / "traces" / "mps" / "native-0" / "meta.json"
     edited = json.loads(meta.read_text())
