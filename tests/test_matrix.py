@@ -107,8 +107,8 @@ def test_five_machines_two_groups_name_the_boundary_and_the_separating_field(fle
     assert all(result.cell(m, "cpu").status == "identical" for m in ("m2", "m3", "m4"))
     assert all(result.cell(m, "cpu").max_abs == 0.0 for m in ("m2", "m3", "m4"))
     assert result.cell("m1", "cpu").status == "reference" and result.cell("m3", "cpu").env["chip"] == "Apple M3 Max"
-    assert any("m5 differ from it" in line and f"tokens at step {step}, {stream}" in line
-               and "env.MLX_ENABLE_TF32 = (not recorded)" in line for line in result.answer)
+    assert any("group 1: m5 parts from it" in line and f"tokens at step {step}, {stream}" in line
+               and "every machine in it has env.MLX_ENABLE_TF32 = (not recorded)" in line for line in result.answer)
 
     md = (out / "report.md").read_text()
     assert "| m5 " in md and "env.MLX_ENABLE_TF32 = (not recorded)" in md and "![matrix](matrix.png)" in md

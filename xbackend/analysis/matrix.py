@@ -167,8 +167,8 @@ class MatrixReport:
                            f"({', '.join(groups[0].machines)})")
                 continue
             ref = groups[0]
-            parts = [f"{b}: {len(groups)} groups over {ref.steps} common steps; {', '.join(ref.machines)} "
-                     f"(with the reference {self.reference})"]
+            parts = [f"{b}: {len(groups)} groups over {ref.steps} common steps; group 0: {', '.join(ref.machines)} "
+                     f"(the reference machine's)"]
             for g in groups[1:]:
                 cells = [self.cell(m, b) for m in g.machines]
                 first = min((c for c in cells if c and c.status in ("diverged", "within")),
@@ -179,7 +179,8 @@ class MatrixReport:
                            + (f"tokens at {where(first.first_divergence)}" if first.first_divergence else "no token differs")
                            + f", max |Δlogit| {first.drift_text()}")
                 sep = ", ".join(f"{k} = {v}" for k, v in g.separated_by.items())
-                parts.append(f"{', '.join(g.machines)} differ from it ({how})" + (f"; every one has {sep}" if sep else ""))
+                parts.append(f"group {g.index}: {', '.join(g.machines)} parts from it ({how})"
+                             + (f"; every machine in it has {sep}" if sep else ""))
             out.append("; ".join(parts))
         return out
 
@@ -190,7 +191,7 @@ class MatrixReport:
         head = ("EXPECTED" if self.expected else "NEEDS ATTENTION") + f": {len(self.machines)} machines, " \
                f"{len(self.backends)} backends against {self.reference}"
         if diverged:
-            head += f"; {len(diverged)} cells diverged ({', '.join(f'{c.machine}/{c.backend}' for c in diverged[:8])})"
+            head += f"; {len(diverged)} cell{'s' if len(diverged) > 1 else ''} diverged ({', '.join(f'{c.machine}/{c.backend}' for c in diverged[:8])})"
         if failed:
             head += f"; {len(failed)} failed"
         return head
