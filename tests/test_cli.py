@@ -154,7 +154,7 @@ def test_diff_of_a_trace_with_no_complete_step(tmp_path):
 
 # --- one surface for every command ---------------------------------------------------------------
 
-COMMANDS = (["backends"], ["capture"], ["compare"], ["diff"], ["repeat"], ["report"], ["check"], ["inspect"],
+COMMANDS = (["backends"], ["capture"], ["compare"], ["diff"], ["repeat"], ["report"], ["check"], ["inspect"], ["matrix"],
             ["baseline", "create"], ["locate"])
 
 

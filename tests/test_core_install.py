@@ -93,6 +93,29 @@ def test_report_diff_and_inspect_a_bundle(core, tmp_path):
     assert json.loads(proc.stdout)["against"]["first_divergence"]["step"] == 30 - start
 
 
+def test_matrix_of_machines(core, tmp_path):
+    """CI artifacts of several machines, aggregated where no framework is installed."""
+    venv, _ = core
+    run = synthetic_run(tmp_path / "m1", steps=20, vocab=(64,) + (32,) * 8)
+    request = json.loads((run / "report.json").read_text())["request"]
+    for meta in run.glob("traces/*/*/meta.json"):  # the synthetic traces name a model and prompt of their own
+        edited = {**json.loads(meta.read_text()), "model": {"name": "moshiko-7b", "digest": request["model_digest"]}}
+        edited["prompt"] = {**edited["prompt"], "digest": request["prompt"]["digest"]}
+        meta.write_text(json.dumps(edited))
+    shutil.copytree(run, tmp_path / "m2")
+    meta = tmp_path / "m2" / "traces" / "mps" / "native-0" / "meta.json"
+    edited = json.loads(meta.read_text())
+    edited["env"] = {**(edited.get("env") or {}), "chip": "Apple M5"}
+    meta.write_text(json.dumps(edited))
+    proc = xb(venv, "matrix", str(tmp_path / "m1"), str(tmp_path / "m2"), "--out", str(tmp_path / "fleet"), "--json",
+              cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert {c["status"] for c in result["cells"] if c["machine"] == "m2"} == {"identical"}
+    assert next(c for c in result["cells"] if c["machine"] == "m2" and c["backend"] == "mps")["env"]["chip"] == "Apple M5"
+    assert (tmp_path / "fleet" / "matrix.png").is_file() and (tmp_path / "fleet" / "report.md").is_file()
+
+
 @needs_tiny
 def test_check_a_recorded_run_against_a_baseline(core, tmp_path):
     """Recorded where the backends run (here, with torch), checked where none is installed."""

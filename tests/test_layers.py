@@ -18,7 +18,8 @@ PACKAGE = ROOT / "xbackend"
 
 # In order, lowest first. A name ending in ".*" is a package's modules (a more specific entry wins).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("vocabulary", ("xbackend.errors", "xbackend.spec", "xbackend.tolerances", "xbackend.env", "xbackend.results")),
+    ("vocabulary", ("xbackend.errors", "xbackend.spec", "xbackend.tolerances", "xbackend.env", "xbackend.advisories",
+                    "xbackend.results")),
     ("samplers", ("xbackend.samplers", "xbackend.samplers.*")),
     ("store", ("xbackend.store", "xbackend.store.*")),
     ("models", ("xbackend.capture", "xbackend.capture.models")),
@@ -28,8 +29,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("capture", ("xbackend.capture.*",)),
     ("analysis", ("xbackend.analysis", "xbackend.analysis.*")),
     ("report", ("xbackend.report", "xbackend.report.*")),
-    ("verbs", ("xbackend.compare", "xbackend.check", "xbackend.locate", "xbackend.rust", "xbackend.rust.*",
-               "xbackend.codecs.*")),
+    ("verbs", ("xbackend.compare", "xbackend.check", "xbackend.locate", "xbackend.matrix", "xbackend.rust",
+               "xbackend.rust.*", "xbackend.codecs.*")),
     ("cli", ("xbackend.cli", "xbackend.cli.*", "xbackend.__main__", "xbackend")),
 )
 TESTING = "xbackend.testing"  # may import anything; nothing in the library imports it

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .analysis import metrics
 from .store import validate
+from .advisories import LOGITS, NONDETERMINISM, advise, explaining, sentence, verdict_effects
 from .compare import CompareRequest, EventFn, run_compare
 from .errors import BackendFailed, XBackendError
 from .report.markdown import md_table
@@ -39,7 +40,7 @@ from .results import CompareReport, Point, Repeatability, Verdict, exit_code, wh
 from .store.rundir import FORCED, NATIVE_0, PORTABLE, PROMPT_CODES, TRACES, RunDir, load_partial, safe_name
 from .samplers import SamplingSettings
 from .tolerances import CHECK_TOLERANCES, load_tolerances, tier_of
-from .store.claim import claim, inside, read_json
+from .store.claim import claim, inside, overlaps, read_json
 from .store.trace import Trace, load_trace, write_bytes_atomic, write_json_atomic
 
 BASELINE_SCHEMA = "xbackend.baseline/1"
@@ -357,6 +358,7 @@ class CheckReport:
     tolerances: dict
     checks: tuple[CheckResult, ...]
     elapsed_s: float | None = None  # the whole check's wall time
+    advisories: tuple[dict, ...] = ()  # known issues matching the baseline's and the fresh run's fingerprints
 
     @property
     def passed(self) -> bool:
@@ -391,14 +393,15 @@ class CheckReport:
                 "backends": list(self.backends), "model": self.model, "seed": self.seed, "steps": self.steps,
                 "tolerances": self.tolerances, "passed": self.passed, "exit_code": self.exit_code,
                 "counts": self.counts, "explanation": self.explanation, "checks": [asdict(r) for r in self.checks],
-                "elapsed_s": self.elapsed_s}
+                "elapsed_s": self.elapsed_s, "advisories": list(self.advisories)}
 
     @staticmethod
     def from_dict(d: dict) -> CheckReport:
         if d.get("schema") != CHECK_SCHEMA:
             raise XBackendError(f"check result has schema {d.get('schema')!r}, expected {CHECK_SCHEMA!r}")
         return CheckReport(d["baseline"], d.get("run_dir"), tuple(d["backends"]), d["model"], d["seed"], d["steps"],
-                           d["tolerances"], tuple(CheckResult(**c) for c in d["checks"]), d.get("elapsed_s"))
+                           d["tolerances"], tuple(CheckResult(**c) for c in d["checks"]), d.get("elapsed_s"),
+                           tuple(d.get("advisories") or ()))
 
 
 def run_check(baseline_dir: str | Path, *, model: str | None = None, seed: int | None = None,
@@ -437,15 +440,32 @@ def run_check(baseline_dir: str | Path, *, model: str | None = None, seed: int |
         if failed and out is None:
             (tmp / KEEP).touch()  # the context manager keeps a directory that holds this mark
             out = tmp
+    committed = baseline.get("env") if isinstance(baseline.get("env"), dict) else {}  # unvalidated: read defensively
+    found = advise({**{f"{label} (baseline)": env for label, env in committed.items() if isinstance(label, str)},
+                    **{b["name"]: b.get("env") for b in report.backends}})
+    results = [with_known_issues(r, found) for r in results]
     return CheckReport(str(base_dir), str(out) if out is not None else None, tuple(baseline["backends"]),
                        baseline["model"], baseline["seed"], baseline["steps"], table, tuple(results),
-                       round(time.perf_counter() - started, 3))
+                       round(time.perf_counter() - started, 3), tuple(found))
+
+
+# What each failed check may come from (`advisories.EFFECTS`): logits and the portable tokens they decide,
+# repeats that differ.
+CHECK_CAUSES = {"logits": (LOGITS,), "tokens": (LOGITS,), "repeatability": (NONDETERMINISM,)}
+
+
+def with_known_issues(r: CheckResult, found: list[dict]) -> CheckResult:
+    """A failed check that a known issue of its backend (fresh or baseline machine) could explain says so."""
+    causes = verdict_effects(str(r.figures.get("got"))) if r.check == "verdict" else CHECK_CAUSES.get(r.check, ())
+    known = explaining(found, (r.backend, f"{r.backend} (baseline)"), causes) if r.failed else []
+    if not known:
+        return r
+    return replace(r, message=r.message + sentence(known), figures={**r.figures, "known_issues": known})
 
 
 def _refuse_overlap(baseline: Path, out: Path) -> None:
     """`check --out` must not be (or hold, or sit inside) the baseline: its committed traces would be overwritten."""
-    b, o = baseline.resolve(), out.resolve()
-    if b == o or b in o.parents or o in b.parents:
+    if overlaps(baseline, out):
         raise XBackendError(f"--out {out} overlaps the baseline {baseline}",
                             asked="the fresh run would overwrite the committed traces it is checked against",
                             fix="pass a --out directory outside the baseline, or leave --out out (temporary)")

@@ -24,7 +24,7 @@ from .codecs import describe_codec
 from .capture.models import ModelRef, resolve_model, tiny_codec
 from .store.claim import Claim, claim
 from .capture.prompt import Prompt, load_prompt
-from .results import CompareReport, Repeatability, exit_code
+from .results import CompareReport, Repeatability, Verdict, exit_code
 from .store.rundir import (ARBITER, FORCED, JOBS, PORTABLE, PROMPT_CODES, REPORT_JSON, TRACES, backend_dir,
                      clear_previous_run, load_partial, native, safe_name, unique_labels)
 from .samplers import DEFAULT_SEED, SamplingSettings, parse_mode
@@ -339,13 +339,19 @@ def build_report(req: CompareRequest, model: ModelRef, prompt, labels: list[str]
                "repeats": req.repeats, "timeout": req.timeout, "alignment": req.alignment,
                "sampler": req.sampler or "portable",
                "settings": req.settings.to_dict(), "plugins": list(req.plugins), "arbiter": req.arbiter}
-    return CompareReport(
+    report = CompareReport(
         request=request, reference=labels[0], backends=tuple(backends), verdicts=tuple(verdicts),
         repeatability=tuple(repeat), drift=tuple(drift), not_diagnosed=tuple(not_diagnosed),
         failures=tuple(f for r in runs.values() for f in r.failures),
         traces={label: str(Path(TRACES) / safe_name(label)) for label in labels}, arbiter=arbiter,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         command=" ".join(shlex.quote(a) for a in ["xbackend", *sys.argv[1:]]) if sys.argv else None)
+    return replace(report, verdicts=tuple(with_known_issues(v, report.known_issues(v)) for v in report.verdicts))
+
+
+def with_known_issues(v: Verdict, found: list[dict]) -> Verdict:
+    """A verdict that names the known issues that could explain it (its explanation then says so)."""
+    return replace(v, figures={**v.figures, "known_issues": found}) if found else v
 
 
 def check_decoder(spec: str, model: ModelRef) -> None:

@@ -258,6 +258,19 @@ class CompareReport:
     def exit_code(self) -> int:
         return exit_code(backend_failed=self.backend_failed, attention=not self.expected)
 
+    @property
+    def advisories(self) -> list[dict]:
+        """Known issues (`advisories.ADVISORIES`, the current table) matching each backend's fingerprint."""
+        from .advisories import advise
+
+        return advise({b["name"]: b.get("env") for b in self.backends})
+
+    def known_issues(self, v: Verdict) -> list[dict]:
+        """The matches, of the backend or of its reference, that could explain a verdict needing attention."""
+        from .advisories import explaining, verdict_effects
+
+        return [] if v.expected else explaining(self.advisories, (v.backend, v.vs), verdict_effects(v.verdict, v.figures))
+
     def verdict_for(self, backend: str) -> Verdict | None:
         return next((v for v in self.verdicts if v.backend == backend), None)
 
@@ -274,6 +287,7 @@ class CompareReport:
             "not_diagnosed": list(self.not_diagnosed), "repeatability": [r.to_dict() for r in self.repeatability],
             "drift": list(self.drift), "failures": list(self.failures), "traces": self.traces,
             "arbiter": self.arbiter, "expected": self.expected, "exit_code": self.exit_code,
+            "advisories": self.advisories,
         }
         if self.audio is not None:
             out["audio"] = self.audio

@@ -7,6 +7,7 @@ nothing unmeasured printed as a number ("not measured: one run").
 
 from __future__ import annotations
 
+from ..advisories import sentence
 from ..results import NOT_MEASURED, Point, Verdict, times, where
 from ..samplers import describe_identity
 
@@ -45,7 +46,7 @@ def explain(v: Verdict) -> str:
     if extra and v.verdict not in ("BACKEND_FAILED",):
         text += f" Also: the teacher-forced drift is {extra[0].note} (first at {extra[0].at}): it needs attention too."
     arb = arbiter_sentence(v) if v.verdict != "BACKEND_FAILED" else ""
-    return text + (" " + arb if arb else "")
+    return text + (" " + arb if arb else "") + sentence(v.figures.get("known_issues") or [])
 
 
 def _main(v: Verdict) -> str:

@@ -326,7 +326,14 @@ def print_verdicts(report) -> None:
             console.print(f"  located: {located.get('sentence') or 'not located: ' + str(located.get('error'))}")
         if v.secondary:
             console.print("  also: " + "; ".join(str(s) for s in v.secondary))
+    print_advisories(report.advisories)
     print_words(report.words)
+
+
+def print_advisories(found) -> None:
+    """Known issues matching the fingerprints read (xbackend.advisories), one line each."""
+    for m in found:
+        typer.echo(f"known issue: {m['backend']}: {m['text']}")
 
 
 def print_words(words: Optional[dict]) -> None:
@@ -611,9 +618,11 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory written by `x
     files = write_report(run_dir)
     data = {"schema": "xbackend.report-files/1", "markdown": str(files.markdown),
             "plots": [str(p) for p in files.plots], "bundle": str(files.bundle), "bundle_bytes": files.bundle_bytes,
-            "half_width": files.plan.half_width, "omitted": [str(o) for o in files.plan.omitted]}
+            "half_width": files.plan.half_width, "omitted": [str(o) for o in files.plan.omitted],
+            "advisories": list(files.advisories)}
 
     def text() -> None:
+        print_advisories(files.advisories)
         typer.echo(f"report: {files.markdown}")
         for plot in files.plots:
             typer.echo(f"plot: {plot}")
@@ -662,9 +671,53 @@ def check(
 
     def text() -> None:
         typer.echo(result.summary_table())
+        print_advisories(result.advisories)
         typer.echo(result.explanation)
 
     emit(result.to_dict(), as_json, json_out, text)
+    raise typer.Exit(result.exit_code)
+
+
+@command()
+@friendly
+def matrix(
+    dirs: List[Path] = typer.Argument(..., help="Run directories, baselines or unpacked bundles, one per machine."),
+    reference: Optional[str] = typer.Option(None, "--reference", metavar="MACHINE",
+                                            help="Machine (directory name) the others are held to (default: the first)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write matrix.json, report.md and matrix.png here."),
+    force: bool = FORCE_OPT,
+    as_json: bool = JSON_OPT,
+    json_out: Optional[Path] = JSON_OUT_OPT,
+) -> None:
+    """Many machines, one answer: each backend's run on every machine against the reference machine's."""
+    from ..matrix import run_matrix
+
+    result = run_matrix(dirs, reference)
+    files = {}
+    if out is not None:
+        from ..report.matrix import write_matrix
+
+        files = write_matrix(result, out, force=force)
+    data = {**result.to_dict(), "files": {k: str(v) for k, v in files.items()}}
+
+    def text() -> None:
+        from ..report.matrix import cell_text
+
+        rows = [[c.machine, c.backend, c.env.get("chip", "-"), cell_text(c), c.drift_text(),
+                 "-" if c.group is None else str(c.group)] for c in result.cells]
+        from ..report.markdown import md_table
+
+        typer.echo(md_table(["machine", "backend", "chip", "cell", "max abs Δlogit", "group"], rows))
+        for line in result.answer:
+            typer.echo(line)
+        print_advisories(result.advisories)
+        for note in result.notes:
+            typer.echo(f"note: {note}")
+        for what, path in files.items():
+            typer.echo(f"{what}: {path}")
+        typer.echo(result.explanation)
+
+    emit(data, as_json, json_out, text)
     raise typer.Exit(result.exit_code)
 
 

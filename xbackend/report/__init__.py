@@ -504,6 +504,21 @@ def _verdict_section(report) -> list[str]:
     return out + [""]
 
 
+def advisories_section(found: list[dict], explained: list[tuple[str, str, list[dict]]]) -> list[str]:
+    """Known issues (xbackend.advisories) matching the fingerprints, and the verdicts one could explain."""
+    if not found:
+        return []
+    from ..advisories import TABLE_VERSION
+
+    out = ["## Known issues", "",
+           f"Fingerprints that match the known-issue table (version {TABLE_VERSION}): a match is a known cause to "
+           "rule out first, not a verdict.", "",
+           md_table(["backend", "known issue", "when"], [[m["backend"], m["text"], m["condition"]] for m in found]), ""]
+    out += [f"- **{who}** ({verdict}) could be explained by: " + "; ".join(f"{m['backend']}: {m['text']}" for m in ms)
+            for who, verdict, ms in explained]
+    return out + ([""] if explained else [])
+
+
 def _words_section(report) -> list[str]:
     """Each run's decoded text, marked where it parts from the run it is held against."""
     words = report.words
@@ -633,9 +648,10 @@ def render_markdown(run: RunDir, divs: list[Divergence], plots: dict[str, Path],
     head = [f"# xbackend: {', '.join(req['backends'])} on model `{req['model']}`", "",
             f"Reference **{report.reference}**; seed {req['seed']}, {req['steps']} steps, {req['repeats']} native "
             f"runs per backend, alignment `{req['alignment']}`; xbackend {__version__}; run {report.created}.", ""]
-    body = (_verdict_section(report) + _words_section(report) + _divergence_section(divs) + _drift_section(run, plots)
-            + locate_section(run, located or {}) + _arbiter_section(report) + _reproduce_section(report)
-            + _env_section(report) + _bundle_section(plan))
+    explained = [(v.backend, v.verdict, found) for v in report.verdicts if (found := report.known_issues(v))]
+    body = (_verdict_section(report) + advisories_section(report.advisories, explained) + _words_section(report)
+            + _divergence_section(divs) + _drift_section(run, plots) + locate_section(run, located or {})
+            + _arbiter_section(report) + _reproduce_section(report) + _env_section(report) + _bundle_section(plan))
     if report.failures:
         body += ["## Failures", "", md_table(["run", "status", "error", "failed at", "steps done"],
                                              [[f["run"], f["status"], f.get("error"), where(f.get("failed_at")),
@@ -653,6 +669,7 @@ class ReportFiles:
     bundle: Path
     bundle_bytes: int
     plan: BundlePlan
+    advisories: tuple[dict, ...] = ()  # known issues matching the run's fingerprints
 
 
 def write_report(run_dir: str | Path, limit: int = BUNDLE_LIMIT) -> ReportFiles:
@@ -672,4 +689,5 @@ def write_report(run_dir: str | Path, limit: int = BUNDLE_LIMIT) -> ReportFiles:
     md = run.path / REPORT_MD
     write_bytes_atomic(md, render_markdown(run, divs, plots, plan, located).encode())
     bundle = write_bundle(run, plan, [md, *extras], run.path / BUNDLE)
-    return ReportFiles(md, (*plots.values(), *located.values()), bundle, bundle.stat().st_size, plan)
+    return ReportFiles(md, (*plots.values(), *located.values()), bundle, bundle.stat().st_size, plan,
+                       tuple(run.report.advisories))

@@ -21,10 +21,11 @@ from pathlib import Path
 from ..errors import XBackendError
 
 MARKER = ".xbackend"
-KINDS = ("trace", "run", "baseline", "repeat")
+KINDS = ("trace", "run", "baseline", "repeat", "matrix")
 # Files that mark a directory written by an earlier xbackend (before the marker existed).
 _LEGACY = {"trace": ("meta.json", "xbackend.trace/1"), "run": ("report.json", "xbackend.report/1"),
-           "baseline": ("baseline.json", "xbackend.baseline/1"), "repeat": ("repeat.json", "xbackend.repeat/1")}
+           "baseline": ("baseline.json", "xbackend.baseline/1"), "repeat": ("repeat.json", "xbackend.repeat/1"),
+           "matrix": ("matrix.json", "xbackend.matrix/1")}
 
 
 def kind_of(path: Path) -> str | None:
@@ -123,6 +124,12 @@ def _adopted(path: Path) -> bool:
         return json.loads(marker.read_text() or "{}").get("adopted") is True
     except (ValueError, OSError, AttributeError, UnicodeDecodeError):
         return False
+
+
+def overlaps(a: Path, b: Path) -> bool:
+    """Is one directory the other, or inside it? (Writing to `b` could then overwrite `a`.)"""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
 def inside(root: Path, rel, what: str) -> Path:
