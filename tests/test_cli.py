@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from xbackend.tolerances import tolerance
+
 from .helpers import assert_clean_error, needs_tiny, run_cli, unavailable, without
 
 pytestmark = needs_tiny
@@ -99,7 +101,7 @@ def test_diff_and_repeat_on_traces_from_capture(tmp_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["steps_compared"] == 8 and data["tokens_identical"] and not data["logits_identical"]
-    assert 0 < data["max_abs"] <= 1e-4
+    assert 0 < data["max_abs"] <= tolerance("fp64", "fp32")  # 1e-3; measured 2.0e-5 over 8 steps: 50x margin
     c = tmp_path / "c"
     assert run_cli("capture", "--steps", "8", "--seed", "1", "--out", str(c)).returncode == 0
     assert_clean_error(run_cli("diff", str(a), str(c)), 2, "not comparable", "seed")

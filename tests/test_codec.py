@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import ROOT, TINY, assert_clean_error, have, needs_mlx, needs_tiny, run_cli
+from xbackend.codecs.stage import codec_tolerance
 from xbackend.codecs.base import FRAME_SIZE, SAMPLE_RATE
 
 needs_torch = pytest.mark.skipif(not (have("torch") and have("moshi")), reason="needs torch and moshi")
@@ -76,11 +77,14 @@ def test_torch_mlx_candle_compared(mimi, prompt, tmp_path):
     for path in ("one-shot", "streaming"):
         assert candle["figures"]["codes"][path]["identical"]
         a = candle["figures"]["audio"][path]
-        assert a["max_rel"] <= 1e-5 and a["snr_db"] > 120
+        # the fp32 codec tolerance (1e-5 x RMS; measured 6.3e-7: 16x); SNR measured 137.8 dB, 120 dB leaves
+        # 17.8 dB (7.8x in amplitude) for other CPUs' summation orders (README, "The codec stage")
+        assert a["max_rel"] <= codec_tolerance("fp32", "fp32")["audio"] and a["snr_db"] > 120
     # moshi_mlx's Mimi attends without a causal mask (moshi#158): codes differ from frame 0.
     mlx = v["mlx:cpu"]
     assert mlx["verdict"] == "CODE_DIVERGENCE" and not mlx["figures"]["within_tolerance"]
     assert mlx["first_divergence"]["frame"] == 0
+    # measured 49% of codes (README): 2.4x margin; the missing mask is moshi_mlx's code, not the CPU's rounding
     assert mlx["figures"]["codes"]["one-shot"]["disagreement"] > 0.2
     assert mlx["figures"]["audio"]["one-shot"]["first_frame_above_tolerance"] == 0
     assert "moshi#158" in mlx["explanation"]

@@ -14,6 +14,7 @@ import pytest
 from xbackend.compare import CompareRequest, run_compare
 from xbackend.results import CompareReport, Point
 from xbackend.store.trace import load_trace
+from xbackend.tolerances import tolerance
 
 from .helpers import needs_mlx, needs_tiny, run_cli
 
@@ -204,7 +205,8 @@ def test_cpu_against_mlx_is_an_expected_sampler_divergence(tmp_path):
     report, v = compare(tmp_path, ["cpu", "mlx:cpu"], steps=20)
     n, p = native_and_portable(tmp_path / "run", "mlx_cpu")
     assert v.verdict == "SAMPLER_DIVERGENCE" and v.first_divergence == n and p is None
-    assert v.figures["shared_sampler"] is False and v.figures["forced_max_abs"] < 1e-4
+    # the fp32 tolerance (1e-3); mlx:cpu forced on cpu measured <= 3.5e-5 over 200 steps (test_mlx_backend)
+    assert v.figures["shared_sampler"] is False and v.figures["forced_max_abs"] <= tolerance("fp32")
     assert v.expected and report.exit_code == 0 and "Same logits" not in v.explanation
     assert report.arbiter["status"] == "ok" and report.arbiter["spec"] == "cpu:fp64"
 
@@ -217,6 +219,8 @@ def test_cpu_against_its_own_low_precision_is_numeric_and_the_arbiter_favours_fp
     assert v.verdict == "NUMERIC_DIVERGENCE" and v.first_divergence == first
     assert v.figures["shared_sampler"] is True and "SAMPLER_DIVERGENCE" not in {s.verdict for s in v.secondary}
     a = v.figures["arbiter"]
+    # measured 36,482x (bf16) and 5,309x (fp16) further from fp64 (README's verdict table): 53x margin at
+    # least; half precision rounds 2^13 (fp16) to 2^16 (bf16) times coarser than fp32 on any CPU
     assert a["spec"] == "cpu:fp64" and a["closer"] == "cpu" and a["ratio"] > 100
     assert f"cpu:{dtype} is" in v.explanation and "further from fp64 than cpu" in v.explanation
 

@@ -6,7 +6,7 @@ import pytest
 
 from xbackend.analysis.diff import DiffResult, comparability, diff
 from xbackend.errors import XBackendError
-from xbackend.tolerances import TOLERANCES
+from xbackend.tolerances import TOLERANCES, tolerance
 from xbackend.testing.traces import default_meta, greedy_margins, synthetic_trace, write_trace
 from xbackend.store.trace import TruncatedTraceWarning, load_trace
 
@@ -42,6 +42,7 @@ def test_drift_is_summarised_per_stream(tmp_path):
     a, b = pair(tmp_path, noise=1e-3)
     r = diff(a, b)
     assert not r.logits_identical and r.first_bitwise_step == 0
+    # seeded numpy noise of scale 1e-3, the same on every CPU: measured max 3.2e-3; 0.01 only says it is that noise (3x)
     assert 0 < r.max_abs < 0.01 and r.within_tolerance is (r.max_abs <= TOLERANCES["fp32"])
     text = r.summaries["text"]["max_abs"]
     assert text.count == 9 and 0 < text.median <= text.p90 <= text.p99 <= text.p999 <= text.max
@@ -289,4 +290,4 @@ def test_diff_of_real_captures_of_different_length_and_different_samplers(tmp_pa
         r = diff(long, other)  # native tokens differ from step 0: only that step's first streams are comparable
         d = r.first_divergence
         assert d is not None and r.steps_compared == d.step + 1 and r.shared_sampler is False
-        assert r.max_abs < 1e-3 and r.expected and r.exit_code == 0
+        assert r.max_abs <= tolerance("fp32") and r.expected and r.exit_code == 0

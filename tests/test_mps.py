@@ -6,6 +6,7 @@ import pytest
 
 import xbackend
 from xbackend import CaptureRequest, capture, create_backend
+from xbackend.tolerances import tier_of, tolerance
 
 from .helpers import needs_tiny
 
@@ -21,7 +22,7 @@ def test_mps_fp32_matches_cpu_teacher_forced(tmp_path):
     assert e["weights_device"].startswith("mps")  # where the weights are, not where they were asked to be
     assert mps.meta["first_step_ms"] > 0 and mps.meta["ms_per_step"] > 0
     worst = max(np.abs(mps.logits(s) - ref.logits(s)).max() for s in ref.streams)
-    assert 0 < worst <= 1e-3  # a run that silently stayed on the CPU gives exactly 0
+    assert 0 < worst <= tolerance("fp32")  # a run that silently stayed on the CPU gives exactly 0
 
 
 def test_mps_native_sampler_never_picks_a_zero_probability_token(tmp_path):
@@ -46,4 +47,6 @@ def test_mps_half_precision_runs(tmp_path, spec):
     ref = capture(CaptureRequest(backend="cpu", steps=20), tmp_path / "cpu")
     tr = capture(CaptureRequest(backend=spec, steps=20, sampler=f"forced:{ref.path}"), tmp_path / "h")
     assert tr.meta["effective"]["weights_device"].startswith("mps")
-    assert 0 < max(np.abs(tr.logits(s) - ref.logits(s)).max() for s in ref.streams) < 1.0
+    # the tier's tolerance: fp16 0.25, bf16 1.0 (none measured here: no MPS; on the CPU cpu:fp16 gives 0.083
+    # and cpu:bf16 0.53, README). Half-precision rounding sets the drift, not the GPU's summation order.
+    assert 0 < max(np.abs(tr.logits(s) - ref.logits(s)).max() for s in ref.streams) < tolerance(tier_of(tr))

@@ -29,6 +29,8 @@ def test_portable_follows_the_tempered_top_k_distribution():
     for step in range(n):
         counts[portable(logits, 0.8, 10, seed=1, step=step, stream=0).token] += 1
     assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(expected))
+    # measured 0.0080 (at p = 0.20, whose binomial sd over 6000 draws is 0.0052): 2.5x margin. The
+    # portable sampler's Philox draws are integer arithmetic, so these 6000 draws are the same on every CPU.
     assert np.abs(counts / n - expected).max() < 0.02
 
 
