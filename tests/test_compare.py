@@ -301,12 +301,11 @@ def test_unavailable_backend_is_reported_not_fatal(tmp_path):
 
 
 @pytest.mark.slow
-def test_twin_never_raises_a_false_alarm(tmp_path):
-    for seed in range(20):
-        (tmp_path / str(seed)).mkdir()
-        report, v = compare(tmp_path / str(seed), ["cpu", "cpu"], seed=seed, steps=8, arbiter="none")
-        assert v.backend == "cpu#2" and v.verdict == "IDENTICAL", (seed, v)
-        assert report.exit_code == 0
+@pytest.mark.parametrize("seed", range(20))  # one test per seed: progress shows, and xdist spreads them
+def test_twin_never_raises_a_false_alarm(tmp_path, seed):
+    report, v = compare(tmp_path, ["cpu", "cpu"], seed=seed, steps=8, arbiter="none")
+    assert v.backend == "cpu#2" and v.verdict == "IDENTICAL", (seed, v)
+    assert report.exit_code == 0
 
 
 def test_one_repeat_measures_no_run_to_run_drift(tmp_path):
