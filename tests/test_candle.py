@@ -209,6 +209,7 @@ def test_pad_mult_moves_mass_to_the_pad_token():
     logits = np.zeros(50, dtype=np.float32)
     picks = [CandleSampler(s, 250, 0.8, pad_mult=8.0).sample(logits) for s in range(20)]
     plain = [CandleSampler(s, 250, 0.8).sample(logits) for s in range(20)]
+    # measured 20 of 20 and 0 of 20; StdRng's words are integer arithmetic, the same draws on every CPU
     assert picks.count(3) >= 18 and plain.count(3) <= 3
 
 

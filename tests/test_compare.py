@@ -164,6 +164,8 @@ def test_numeric_divergence_at_the_planted_step(tmp_path):
 def test_drift_below_tolerance_is_numeric_drift(tmp_path):
     report, v = compare(tmp_path, ["cpu", "tiny"], ["tiny"], arbiter="none")
     assert v.verdict == "NUMERIC_DRIFT" and v.first_divergence is None
+    # x + 2^-18 in float32 is off by at most half an ulp: at most 2^-19, 50% of the shift, for |logit| < 64
+    # (the tiny model's are smaller); IEEE 754 rounding, the same on every CPU
     assert v.figures["forced_max_abs"] == pytest.approx(2.0 ** -18, rel=0.5)
     assert v.figures["within_tolerance"] and v.expected and report.exit_code == 0
 
@@ -172,6 +174,8 @@ def test_fresh_noise_from_step_6_is_nondeterministic_kernels_at_step_6(tmp_path)
     report, v = compare(tmp_path, ["cpu", "noise6"], ["noise6"], arbiter="none")
     assert v.verdict == "NONDETERMINISTIC_KERNELS" and v.first_divergence == at(6, "text")
     rep = report.repeatability_for("noise6")
+    # planted noise of sd 1e-3 in each run: the max of the difference over every logit is several sd
+    # (measured 3.4e-3 forced max, README's verdict table); seeded numpy, the same on every CPU
     assert rep.logits_identical is False and rep.run_to_run_drift > 1e-3
     assert report.exit_code == 1
 
@@ -196,6 +200,7 @@ def test_one_step_spike_is_a_numeric_divergence_at_that_step(tmp_path):
     report, v = compare(tmp_path, ["cpu", "spike"], ["spike"], arbiter="none")
     assert v.verdict == "NUMERIC_DIVERGENCE" and v.first_divergence == at(6, "text")
     assert "SEMANTIC_MISMATCH" not in {s.verdict for s in v.secondary}
+    # planted noise of sd 30 (measured 99.6 max) against the semantic rule's 100 x tolerance (0.1)
     assert v.figures["spikes"][0]["step"] == 6 and v.figures["spikes"][0]["max_abs"] > 100 * v.figures["tolerance"]
     assert report.exit_code == 1
 
