@@ -1,4 +1,5 @@
-"""The CLI as a user meets it: real subprocesses, the exit codes of docs/design.md, one-line errors."""
+"""The CLI as a user meets it: real subprocesses, the exit codes of docs/design.md, one-line errors
+(traces that a test only reads are made in this process: a fresh one would prove nothing more)."""
 
 import json
 
@@ -7,7 +8,7 @@ import pytest
 
 from xbackend.tolerances import tolerance
 
-from .helpers import assert_clean_error, needs_tiny, run_cli, unavailable, without
+from .helpers import assert_clean_error, needs_tiny, run, run_cli, unavailable, without
 
 pytestmark = needs_tiny
 
@@ -82,8 +83,7 @@ def test_checkpoint_that_does_not_fit_its_config(tmp_path):
 
 
 def test_truncated_forced_trace_is_used_up_to_its_last_step(tmp_path):
-    ref = tmp_path / "ref"
-    assert run_cli("capture", "--steps", "6", "--out", str(ref)).returncode == 0
+    ref = run(tmp_path, "ref", steps=6).path  # the trace to force from, made in this process
     digests = (ref / "digests.txt").read_text().splitlines()
     (ref / "digests.txt").write_text("\n".join(digests[:4]) + "\n")  # as if killed after step 3
     ok = run_cli("capture", "--steps", "4", "--sampler", f"forced:{ref}", "--out", str(tmp_path / "f"))
@@ -93,17 +93,15 @@ def test_truncated_forced_trace_is_used_up_to_its_last_step(tmp_path):
 
 
 def test_diff_and_repeat_on_traces_from_capture(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert run_cli("capture", "--steps", "8", "--out", str(a)).returncode == 0
-    assert run_cli("capture", "--steps", "8", "--sampler", f"forced:{a}", "--backend", "cpu:fp64",
-                   "--out", str(b)).returncode == 0
+    # the traces are made in this process (test_capture_writes_a_trace runs capture's CLI); diff and repeat's are tested
+    a = run(tmp_path, "a", steps=8).path
+    b = run(tmp_path, "b", backend="cpu:fp64", steps=8, sampler=f"forced:{a}").path
     proc = run_cli("diff", str(a), str(b), "--json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["steps_compared"] == 8 and data["tokens_identical"] and not data["logits_identical"]
     assert 0 < data["max_abs"] <= tolerance("fp64", "fp32")  # 1e-3; measured 2.0e-5 over 8 steps: 50x margin
-    c = tmp_path / "c"
-    assert run_cli("capture", "--steps", "8", "--seed", "1", "--out", str(c)).returncode == 0
+    c = run(tmp_path, "c", steps=8, seed=1).path
     assert_clean_error(run_cli("diff", str(a), str(c)), 2, "not comparable", "seed")
     rep = run_cli("repeat", "--backend", "cpu", "--runs", "3", "--steps", "6", "--out", str(tmp_path / "r"), "--json")
     assert rep.returncode == 0, rep.stderr
@@ -144,8 +142,7 @@ def test_more_bad_input(tmp_path, args, needle):
 
 
 def test_diff_of_a_trace_with_no_complete_step(tmp_path):
-    a = tmp_path / "a"
-    assert run_cli("capture", "--steps", "3", "--out", str(a)).returncode == 0
+    a = run(tmp_path, "a", steps=3).path
     b = tmp_path / "b"
     import shutil
 
