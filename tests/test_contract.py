@@ -88,8 +88,9 @@ def test_forcing_its_own_tokens_reproduces_them(greedy_run):
     spec, out, tr = greedy_run
     forced = capture(CaptureRequest(backend=spec, steps=STEPS, sampler=f"forced:{tr.path}"), out / "forced")
     assert np.array_equal(forced.tokens, tr.tokens)
-    # The same backend on the same machine: the check tier's bound (fp32 1e-5, bf16 1.6e-2, q8 5e-2, ...).
-    # Measured exactly 0 for cpu, cpu:fp64, mlx, mlx:cpu, mlx:q8 and mlx:q4 (the same kernels on the same
-    # inputs); the check table says why a GPU's reductions may need the rest.
+    # The same backend on the same machine, forced onto the tokens it sampled itself: the same kernels on
+    # the same inputs, measured exactly 0 for cpu, cpu:fp64, mlx, mlx:cpu, mlx:q8 and mlx:q4. Held to the
+    # same-machine fp32 check bound whatever the tier (a quantized tier's looser bound is for other runs
+    # of its kernels, not for a repeat of one), so a step whose state leaks into the next still fails.
     for s in tr.streams:
-        np.testing.assert_allclose(forced.logits(s), tr.logits(s), atol=CHECK_TOLERANCES[tier_of(tr)], rtol=0)
+        np.testing.assert_allclose(forced.logits(s), tr.logits(s), atol=CHECK_TOLERANCES["fp32"], rtol=0)
