@@ -9,7 +9,7 @@ from xbackend.backends import BUILTIN_SPECS
 from xbackend.capture.models import resolve_model
 from xbackend.capture.prompt import load_prompt
 from xbackend.store.trace import step_digest
-from xbackend.tolerances import CHECK_TOLERANCES, tier_of
+from xbackend.tolerances import CHECK_TOLERANCES
 
 from .helpers import hardware, needs_tiny, registry_scope
 
