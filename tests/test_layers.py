@@ -21,6 +21,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("vocabulary", ("xbackend.errors", "xbackend.spec", "xbackend.tolerances", "xbackend.env", "xbackend.advisories",
                     "xbackend.results")),
     ("samplers", ("xbackend.samplers", "xbackend.samplers.*")),
+    ("requests", ("xbackend.requests",)),
     ("store", ("xbackend.store", "xbackend.store.*")),
     ("models", ("xbackend.capture", "xbackend.capture.models")),
     ("codec implementations", ("xbackend.codecs", "xbackend.codecs.base", "xbackend.codecs.torch_codec",

@@ -8,7 +8,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 
 from .backends import create_backend, load_plugin, require_available
-from .capture.run import CaptureRequest, check_request, trace_bytes
+from .capture.run import check_request, trace_bytes
+from .requests import ARBITER_AUTO, ARBITER_NONE, DEFAULT_ARBITER, CaptureRequest, CompareRequest  # noqa: F401 (CompareRequest re-exported)
 from .analysis.diagnose import BackendRuns, arbiter_comparison, arbiter_distance, diagnose, repeatability
 from .store import validate
 from .errors import BackendFailed, XBackendError
@@ -27,7 +28,7 @@ from .capture.prompt import Prompt, load_prompt
 from .results import CompareReport, Repeatability, Verdict, exit_code
 from .store.rundir import (ARBITER, FORCED, JOBS, PORTABLE, PROMPT_CODES, REPORT_JSON, TRACES, backend_dir,
                      clear_previous_run, load_partial, native, safe_name, unique_labels)
-from .samplers import DEFAULT_SEED, SamplingSettings, parse_mode
+from .samplers import parse_mode
 from .spec import parse_spec, parse_specs
 from .tolerances import tolerance
 from .store.trace import Trace, write_bytes_atomic, write_json_atomic
@@ -35,29 +36,7 @@ from .analysis.words import run_words, trace_text
 from .capture.worker import RunOutcome, prepare_worker, request_to_json, run_worker
 
 EventFn = Callable[[dict], None]
-DEFAULT_ARBITER = "cpu:fp64"
-ARBITER_AUTO, ARBITER_NONE = "auto", "none"
 AUTO_ARBITER_BYTES = 4e9  # `auto` runs the fp64 arbiter for models up to ~0.5B parameters
-
-
-@dataclass(frozen=True)
-class CompareRequest:
-    backends: tuple[str, ...]
-    model: str = "tiny"
-    model_config: str | None = None
-    prompt: str | None = None
-    seed: int = DEFAULT_SEED
-    steps: int = 100
-    repeats: int = 2
-    timeout: float = 600.0
-    alignment: str = "aligned"
-    settings: SamplingSettings = field(default_factory=SamplingSettings)
-    plugins: tuple[str, ...] = ()
-    decode_audio: bool = True
-    codec: str = "torch:cpu"  # the codec spec that decodes each backend's audio tokens
-    arbiter: str = ARBITER_AUTO  # auto: cpu:fp64 when the model fits in memory; none: off; or a spec
-    sampler: str | None = None  # compare: the comparable free runs' (portable | candle); repeat: the runs' (native)
-    prompt_frames: int | None = None  # a codes prompt's own frames (see CaptureRequest)
 
 
 FREE_RUN_SAMPLERS = ("portable", "candle")
@@ -334,13 +313,9 @@ def build_report(req: CompareRequest, model: ModelRef, prompt, labels: list[str]
     if comparisons:
         arbiter = dict(arbiter, ratios=comparisons)
     repeat = [repeatability(r.label, r.native) for r in runs.values() if r.native]
-    request = {"backends": list(req.backends), "model": model.name, "model_config": req.model_config,
-               "model_digest": model.digest, "prompt": prompt.describe(), "seed": req.seed, "steps": req.steps,
-               "repeats": req.repeats, "timeout": req.timeout, "alignment": req.alignment,
-               "sampler": req.sampler or "portable",
-               "settings": req.settings.to_dict(), "plugins": list(req.plugins), "arbiter": req.arbiter}
     report = CompareReport(
-        request=request, reference=labels[0], backends=tuple(backends), verdicts=tuple(verdicts),
+        request=req.to_record(model.name, model.digest, prompt.describe()), reference=labels[0],
+        backends=tuple(backends), verdicts=tuple(verdicts),
         repeatability=tuple(repeat), drift=tuple(drift), not_diagnosed=tuple(not_diagnosed),
         failures=tuple(f for r in runs.values() for f in r.failures),
         traces={label: str(Path(TRACES) / safe_name(label)) for label in labels}, arbiter=arbiter,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -17,26 +16,10 @@ from ..store import validate
 from ..errors import BackendFailed, XBackendError
 from .models import ModelRef, resolve_model
 from .prompt import CODES_SUFFIXES, Prompt, check_codes_range, codes_digest, load_prompt, read_codes
-from ..samplers import DEFAULT_SEED, Sampler, SamplingSettings, parse_mode
+from ..requests import CaptureRequest  # noqa: F401 (re-exported: its old home)
+from ..samplers import DEFAULT_SEED, Sampler, parse_mode  # noqa: F401 (DEFAULT_SEED: re-exported)
 from ..store.claim import claim
 from ..store.trace import COMPACT, LOGITS_DTYPES, Trace, TraceWriter, load_trace
-
-
-@dataclass(frozen=True)
-class CaptureRequest:
-    """Everything that defines a run; two traces are comparable when these agree."""
-
-    backend: str
-    model: str = "tiny"
-    model_config: str | None = None
-    prompt: str | None = None
-    seed: int = DEFAULT_SEED
-    steps: int = 50
-    sampler: str = "native"
-    alignment: str = "aligned"
-    settings: SamplingSettings = field(default_factory=SamplingSettings)
-    run_index: int = 0
-    prompt_frames: int | None = None  # a codes prompt's own frames; those past it are an audio prompt's fill
 
 
 def forced_plan(source: str, model: ModelRef, steps: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -431,35 +431,18 @@ def _prob(p: float | None) -> str:
 
 
 def reproduce_command(report) -> str:
-    """The `xbackend compare` command line for the request recorded in report.json.
+    """The `xbackend compare` command line for the request recorded in report.json: `CompareRequest.to_argv()`.
 
     A prompt other than the bundled one is given as `prompt_codes.npy` (the exact codes, in the
     bundle), never as a path on the machine that ran it; no `--out` is forced."""
     from ..capture.prompt import DEFAULT_PROMPT
+    from ..requests import CompareRequest
 
-    req = report.request
-    s = SamplingSettings.from_dict(req.get("settings"))
-    args = ["xbackend", "compare", "--backends", ",".join(req["backends"]), "--model", req["model"]]
-    if req.get("model_config"):
-        args += ["--model-config", req["model_config"]]
-    prompt = req.get("prompt") or {}
-    source = prompt.get("source")
-    if source and Path(source).name != DEFAULT_PROMPT.name:
-        args += ["--prompt", PROMPT_CODES]
-        frames, fed = prompt.get("frames"), prompt.get("fed_frames")
-        if isinstance(frames, int) and isinstance(fed, int) and frames < fed:  # the rest is the silence fill
-            args += ["--prompt-frames", str(frames)]
-    args += ["--seed", str(req["seed"]), "--steps", str(req["steps"]), "--repeats", str(req["repeats"]),
-             "--alignment", req["alignment"]]
-    for key, flag in (("temp_text", "--temp-text"), ("top_k_text", "--top-k-text"),
-                      ("temp_audio", "--temp-audio"), ("top_k_audio", "--top-k-audio")):
-        if getattr(s, key) != getattr(SamplingSettings(), key):
-            args += [flag, str(getattr(s, key))]
-    if req.get("arbiter") not in (None, "auto"):
-        args += ["--arbiter", req["arbiter"]]
-    for p in req.get("plugins") or []:
-        args += ["--plugin", p]
-    return " ".join(shlex.quote(a) for a in args)
+    source = (report.request.get("prompt") or {}).get("source")
+    prompt = PROMPT_CODES if source and Path(source).name != DEFAULT_PROMPT.name else None
+    codec = (report.codec or {}).get("spec")
+    req = CompareRequest.from_record(report.request, prompt=prompt, codec=codec)
+    return " ".join(shlex.quote(a) for a in req.to_argv())
 
 
 ENV_ORDER = ("os", "platform", "machine", "chip", "cpu_count", "python", "library", "device", "dtype", "quant",
