@@ -88,18 +88,18 @@ def run(path: Path, name: str, backend: str = "cpu", **kw):
 
 @contextlib.contextmanager
 def registry_scope() -> Iterator[None]:
-    """Backends registered inside (directly or by a plugin file) are unregistered on the way out,
+    """Backends and codecs registered inside (directly or by a plugin file) are unregistered on the way out,
     and built-in names a test re-registered get their built-in factories back."""
-    from xbackend.backends import BUILTIN_NAMES, registered, unregister_backend
+    from xbackend.backends import BACKENDS
+    from xbackend.codecs import REGISTRY as CODECS
 
-    before = set(registered())
+    before = {registry: set(registry.names()) for registry in (BACKENDS, CODECS)}
     try:
         yield
     finally:
-        for name in set(registered()) - before:
-            unregister_backend(name)
-        for name in BUILTIN_NAMES:
-            unregister_backend(name)
+        for registry, names in before.items():
+            for name in set(registry.names()) - names | set(registry.builtins):
+                registry.unregister(name)
 
 
 def fake_env(name: str) -> dict:

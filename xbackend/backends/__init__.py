@@ -7,34 +7,16 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import replace
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
 from ..errors import BackendUnavailable, XBackendError
+from ..registry import Registry
 from ..spec import BackendSpec, parse_spec
 from .base import Backend, Job, LoadHook, LogitsHook, StepRecord, StepRecorder
 
 Factory = Callable[[BackendSpec], Backend]
-_FACTORIES: dict[str, Factory] = {}
-_ENTRY_POINTS_LOADED = False
 ENTRY_POINT_GROUP = "xbackend.backends"
-
-
-def register_backend(name: str, factory: Factory) -> None:
-    """Register `factory(spec) -> Backend` under `name` (the first part of a backend spec)."""
-    _FACTORIES[name.lower()] = factory
-
-
-def unregister_backend(name: str) -> None:
-    """Undo `register_backend(name, ...)`: a plugin name disappears, a built-in name (`cpu`, `mlx`, ...)
-    gets its built-in factory back. Tests use it so that no registration outlives its test."""
-    name = name.lower()
-    if name in _BUILTINS:
-        _FACTORIES[name] = _BUILTINS[name]
-    else:
-        _FACTORIES.pop(name, None)
 
 
 def _torch(spec: BackendSpec) -> Backend:
@@ -49,21 +31,28 @@ def _mlx(spec: BackendSpec) -> Backend:
     return MlxBackend(spec)
 
 
-_BUILTINS: dict[str, Factory] = {"cpu": _torch, "cuda": _torch, "mps": _torch, "mlx": _mlx}
-_FACTORIES.update(_BUILTINS)
-BUILTIN_NAMES = tuple(_BUILTINS)
+BACKENDS: Registry[Backend] = Registry("backend", ENTRY_POINT_GROUP, {"cpu": _torch, "cuda": _torch, "mps": _torch,
+                                                                      "mlx": _mlx},
+                                       fix="run `xbackend backends`, or load a plugin with --plugin FILE.py")
+BUILTIN_NAMES = tuple(BACKENDS.builtins)
 BUILTIN_SPECS = ("cpu", "cpu:fp64", "cuda", "cuda:bf16", "mps", "mps:fp16", "mps:bf16", "mlx", "mlx:cpu", "mlx:gpu",
                  "mlx:gpu:bf16", "mlx:gpu:bf16:q8", "mlx:q8", "mlx:q4")
 
 
+def register_backend(name: str, factory: Factory) -> None:
+    """Register `factory(spec) -> Backend` under `name` (the first part of a backend spec)."""
+    BACKENDS.register(name, factory)
+
+
+def unregister_backend(name: str) -> None:
+    """Undo `register_backend(name, ...)`: a plugin name disappears, a built-in name (`cpu`, `mlx`, ...)
+    gets its built-in factory back. Tests use it so that no registration outlives its test."""
+    BACKENDS.unregister(name)
+
+
 def load_entry_points() -> None:
     """Register third-party backends from the `xbackend.backends` entry-point group (once)."""
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED = True
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        register_backend(ep.name, ep.load())
+    BACKENDS.load_entry_points()
 
 
 def load_plugin(path: str | Path) -> None:
@@ -86,22 +75,12 @@ def load_plugin(path: str | Path) -> None:
 
 
 def registered() -> list[str]:
-    load_entry_points()
-    return sorted(_FACTORIES)
+    return BACKENDS.names()
 
 
 def create_backend(spec: BackendSpec | str) -> Backend:
     """A backend instance for `spec`; unknown names raise with the list of known ones."""
-    load_entry_points()
-    spec = parse_spec(spec) if isinstance(spec, str) else spec
-    factory = _FACTORIES.get(spec.name)
-    if factory is None:
-        raise XBackendError(f"Unknown backend {spec.name!r}",
-                            asked=f"registered backends are {', '.join(sorted(_FACTORIES))}",
-                            fix="run `xbackend backends`, or load a plugin with --plugin FILE.py")
-    backend = factory(spec)
-    backend.label = str(spec)
-    return backend
+    return BACKENDS.create(parse_spec(spec) if isinstance(spec, str) else spec)
 
 
 def require_available(backend: Backend) -> Backend:
@@ -132,22 +111,7 @@ def wrap_backend(spec: BackendSpec | str, on_logits: LogitsHook | None = None,
     `flip:bf16` runs the wrapped backend in bf16, and is labelled and tolerated as bf16). The
     factory registered for `spec` now is the one wrapped, so a plugin may re-register a built-in
     name around itself (`register_backend("cpu", wrap_backend("cpu", ...))`)."""
-    base = parse_spec(spec) if isinstance(spec, str) else spec
-    load_entry_points()
-    inner = _FACTORIES.get(base.name)
-
-    def factory(requested: BackendSpec | None) -> Backend:
-        requested = requested or base
-        run = replace(base, device=requested.device or base.device,
-                      dtype=requested.dtype if requested.dtype != "fp32" else base.dtype,
-                      quant=requested.quant or base.quant)
-        backend = inner(run) if inner is not None else create_backend(run)
-        backend.label = str(requested)
-        backend.on_logits = on_logits if on_logits is not None else backend.on_logits
-        backend.on_load = on_load if on_load is not None else backend.on_load
-        return backend
-
-    return factory
+    return BACKENDS.wrap(parse_spec(spec) if isinstance(spec, str) else spec, on_logits=on_logits, on_load=on_load)
 
 
 __all__ = ["Backend", "Job", "StepRecord", "StepRecorder", "register_backend", "unregister_backend", "create_backend",

@@ -3,7 +3,8 @@ that encodes prompts and decodes generated audio everywhere else in xbackend.
 
 Codec specs follow the backend grammar, `NAME[:DEVICE][:DTYPE]`: `torch`, `torch:cpu:fp64`,
 `torch:mps`, `mlx:cpu`, `mlx:gpu:bf16`, `candle`, `candle:bf16`. Built-ins register through the
-same hook plugins use (`register_codec`); frameworks are imported only when a codec is created.
+same hook plugins use (`register_codec`), third parties also through the `xbackend.codecs` entry-point
+group; frameworks are imported only when a codec is created.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ import numpy as np
 
 from ..errors import BackendUnavailable, XBackendError
 from ..capture.models import MIMI_NAME, CodecRef, _local_codec, file_digest, hub_error, hub_parts, tiny_codec
+from ..registry import Registry
 from ..spec import BackendSpec, Grammar, parse_spec, parse_specs
 from .base import FRAME_SIZE, HOOK_POINTS, SAMPLE_RATE, ActivationHook, Codec, check_codebooks, codec_info
 
 CodecFactory = Callable[[BackendSpec], Codec]
-_FACTORIES: dict[str, CodecFactory] = {}
+ENTRY_POINT_GROUP = "xbackend.codecs"
 CODECS = Grammar(what="codec", devices=("cpu", "gpu", "cuda", "mps"),
                  examples="torch, torch:cpu:fp64, torch:mps, mlx:cpu, mlx:gpu:bf16, candle, candle:fp16",
                  option="--codecs torch,mlx:cpu,candle")
-BUILTIN_CODECS = ("torch", "mlx", "candle")
 REFERENCE_CODEC = "torch:cpu"
 
 
@@ -36,20 +37,6 @@ def parse_codec_spec(text: str) -> BackendSpec:
 
 def parse_codec_specs(text: str) -> list[BackendSpec]:
     return parse_specs(text, CODECS)
-
-
-def register_codec(name: str, factory: CodecFactory) -> None:
-    """Register `factory(spec) -> Codec` under `name` (the first part of a codec spec)."""
-    _FACTORIES[name.lower()] = factory
-
-
-def unregister_codec(name: str) -> None:
-    """Remove a registration (tests and plugins that clean up after themselves)."""
-    _FACTORIES.pop(name.lower(), None)
-
-
-def registered_codecs() -> list[str]:
-    return sorted(_FACTORIES)
 
 
 def _torch(spec: BackendSpec) -> Codec:
@@ -70,22 +57,28 @@ def _candle(spec: BackendSpec) -> Codec:
     return CandleCodec(spec)
 
 
-register_codec("torch", _torch)
-register_codec("mlx", _mlx)
-register_codec("candle", _candle)
+REGISTRY: Registry[Codec] = Registry("codec", ENTRY_POINT_GROUP, {"torch": _torch, "mlx": _mlx, "candle": _candle},
+                                     fix="name one of them, or load a plugin with --plugin FILE.py")
+BUILTIN_CODECS = tuple(REGISTRY.builtins)
+
+
+def register_codec(name: str, factory: CodecFactory) -> None:
+    """Register `factory(spec) -> Codec` under `name` (the first part of a codec spec)."""
+    REGISTRY.register(name, factory)
+
+
+def unregister_codec(name: str) -> None:
+    """Undo `register_codec(name, ...)`: a plugin's name disappears, a built-in name gets its built-in codec back."""
+    REGISTRY.unregister(name)
+
+
+def registered_codecs() -> list[str]:
+    return REGISTRY.names()
 
 
 def create_codec(spec: BackendSpec | str) -> Codec:
     """A codec instance for `spec`; unknown names raise with the list of known ones."""
-    spec = parse_codec_spec(spec) if isinstance(spec, str) else spec
-    factory = _FACTORIES.get(spec.name)
-    if factory is None:
-        raise XBackendError(f"Unknown codec {spec.name!r}",
-                            asked=f"registered codecs are {', '.join(sorted(_FACTORIES))}",
-                            fix="name one of them, or load a plugin with --plugin FILE.py")
-    codec = factory(spec)
-    codec.label = str(spec)
-    return codec
+    return REGISTRY.create(parse_codec_spec(spec) if isinstance(spec, str) else spec)
 
 
 def require_codec(codec: Codec) -> Codec:
@@ -103,20 +96,7 @@ def wrap_codec(spec: BackendSpec | str, on_activation: ActivationHook) -> CodecF
     The factory registered for `spec` now is the one wrapped, so a plugin may re-register a
     built-in name around itself (`register_codec("mlx", wrap_codec("mlx", ...))`). The requested
     spec's device and dtype are kept (`flip:bf16` runs the wrapped codec in bf16)."""
-    base = parse_codec_spec(spec) if isinstance(spec, str) else spec
-    inner = _FACTORIES.get(base.name)
-    if inner is None:
-        raise XBackendError(f"Cannot wrap unknown codec {base.name!r}",
-                            asked=f"registered codecs are {', '.join(sorted(_FACTORIES))}")
-
-    def factory(requested: BackendSpec) -> Codec:
-        asked = BackendSpec(base.name, requested.device or base.device,
-                            requested.dtype if requested.dtype != "fp32" else base.dtype, requested.quant)
-        codec = inner(asked)
-        codec.on_activation = on_activation
-        return codec
-
-    return factory
+    return REGISTRY.wrap(parse_codec_spec(spec) if isinstance(spec, str) else spec, on_activation=on_activation)
 
 
 # --------------------------------------------------------------------------- which weights
