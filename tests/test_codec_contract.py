@@ -4,7 +4,12 @@ built-in and on a plugin registered through the public hook, or a skip with the 
 Streaming (one 80 ms frame a call, as a live app runs Mimi) must equal the codec's own one-call result within the
 codec tolerance of its tier (`CODEC_TOLERANCES`): codes may differ in at most that share, decoded audio frame by
 frame by at most that multiple of the one-call audio's RMS (measured for torch fp32 on the tiny codec: codes
-identical, worst frame 7.3e-7 against the 1e-5 allowed).
+identical, worst frame 7.3e-7 against the 1e-5 allowed; torch and candle on the random full Mimi: bitwise equal).
+
+moshi_mlx breaks it, as its codec declares (moshi#158: its Mimi transformer sets no attention mask, so one call over
+a whole utterance attends to later frames). Measured on the random full Mimi, 13 frames: 48% of codes differ (the
+first 8 frames), decoded audio up to 6.1e-4 x the RMS. The test asserts that it still does, so that an upstream fix
+shows up here and the exception can go.
 """
 
 import numpy as np
@@ -75,6 +80,11 @@ def tolerance(codec) -> dict:
     return CODEC_TOLERANCES[codec.spec.dtype]
 
 
+def unmasked(codec) -> bool:
+    """moshi_mlx's one-call Mimi attends to later frames (moshi#158, in MlxCodec.known_issues)."""
+    return codec.library == "mlx" and any(issue.startswith("moshi#158") for issue in codec.known_issues)
+
+
 def test_encode_gives_codes_of_every_frame(loaded):
     spec, codec, audio = loaded
     codes = codec.encode(audio)
@@ -87,7 +97,8 @@ def test_streaming_encode_equals_the_one_call(loaded):
     _, codec, audio = loaded
     one, steps = codec.encode(audio), codec.encode_steps(audio)
     assert steps.shape == one.shape and steps.dtype == np.int64
-    assert compare_codes(one, steps)["disagreement"] <= tolerance(codec)["codes"]
+    within = compare_codes(one, steps)["disagreement"] <= tolerance(codec)["codes"]
+    assert within != unmasked(codec)
 
 
 def test_decode_gives_finite_audio_of_every_frame(loaded):
@@ -102,7 +113,8 @@ def test_streaming_decode_equals_the_one_call(loaded):
     codes = codec.encode(audio)
     one, steps = codec.decode(codes), codec.decode_steps(codes)
     assert steps.shape == one.shape and steps.dtype == np.float32
-    assert frame_errors(one, steps).max() <= tolerance(codec)["audio"]
+    within = frame_errors(one, steps).max() <= tolerance(codec)["audio"]
+    assert within != unmasked(codec)
 
 
 def test_bad_codes_are_refused_as_bad_input(loaded):

@@ -19,7 +19,7 @@ PACKAGE = ROOT / "xbackend"
 # In order, lowest first. A name ending in ".*" is a package's modules (a more specific entry wins).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("vocabulary", ("xbackend.errors", "xbackend.spec", "xbackend.tolerances", "xbackend.env", "xbackend.advisories",
-                    "xbackend.results", "xbackend.registry")),
+                    "xbackend.results", "xbackend.registry", "xbackend.streams")),
     ("samplers", ("xbackend.samplers", "xbackend.samplers.*")),
     ("requests", ("xbackend.requests",)),
     ("store", ("xbackend.store", "xbackend.store.*")),

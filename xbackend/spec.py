@@ -37,7 +37,12 @@ class BackendSpec:
     @property
     def tier(self) -> str:
         """Tolerance tier: the quantization if any, else the dtype."""
-        return self.quant or self.dtype
+        return tier_name(self.dtype, self.quant)
+
+
+def tier_name(dtype: str | None, quant: str | None) -> str:
+    """The one tier rule (`tolerances.TOLERANCES` keys): the quantization if any, else the dtype (fp32 when neither)."""
+    return str(quant or dtype or "fp32")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import math
 from pathlib import Path
 
 from .errors import XBackendError
+from .spec import tier_name
 
 TOLERANCES: dict[str, float] = {"fp64": 1e-5, "fp32": 1e-3, "fp16": 0.25, "bf16": 1.0, "q8": 2.0, "q4": 8.0}
 CHECK_TOLERANCES: dict[str, float] = {"fp64": 4e-6, "fp32": 1e-5, "fp16": 4e-3, "bf16": 1.6e-2, "q8": 5e-2,
@@ -39,7 +40,7 @@ def tier_of(trace) -> str:
     """A trace's (or a trace meta dict's) tolerance tier: its quantization if any, else its dtype (fp32 when unrecorded)."""
     meta = getattr(trace, "meta", trace)
     spec = meta.get("spec") or {}
-    return str(spec.get("quant") or spec.get("dtype") or "fp32")
+    return tier_name(spec.get("dtype"), spec.get("quant"))
 
 
 def tolerance(tier_a: str, tier_b: str = "fp32", overrides: dict[str, float] | None = None) -> float:

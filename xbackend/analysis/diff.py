@@ -332,6 +332,22 @@ def same_input_rows(streams: list[str], n: int, div: tuple[int, str] | None) -> 
     return [step + 1 if i <= k else step for i in range(len(streams))]
 
 
+def require_comparable(a: Trace, b: Trace, *, force: bool, fix: str) -> list[str]:
+    """The one refusal of two traces that cannot be read against each other (`diff`, `inspect --against`): any
+    reason of `comparability` unless `force` (then the reasons are returned, for the result to carry), and
+    different streams or vocabularies even with it. `fix` starts the advice ("capture both")."""
+    reasons = comparability(a, b)
+    if reasons and not force:
+        raise XBackendError(f"Traces {a.path} and {b.path} are not comparable: " + "; ".join(reasons),
+                            fix=f"{fix} with the same model, prompt, seed and settings, "
+                            "or pass --force (force=True) to compare them anyway")
+    if a.streams != b.streams or list(a.meta["vocab"]) != list(b.meta["vocab"]):
+        raise XBackendError(f"Traces {a.path} and {b.path} cannot be compared even by force: streams {a.streams} / "
+                            f"vocabularies {list(a.meta['vocab'])} vs {b.streams} / {list(b.meta['vocab'])}",
+                            fix=f"{fix} with the same model")
+    return reasons
+
+
 def diff(a: Trace | str | os.PathLike, b: Trace | str | os.PathLike, *, force: bool = False,
          tolerance_overrides: dict[str, float] | None = None, block: int | None = None,
          workers: int | None = None) -> DiffResult:
@@ -340,15 +356,7 @@ def diff(a: Trace | str | os.PathLike, b: Trace | str | os.PathLike, *, force: b
     Raises `XBackendError` naming every mismatch when they are not comparable, unless `force`.
     """
     a, b = _as_trace(a), _as_trace(b)
-    reasons = comparability(a, b)
-    if reasons and not force:
-        raise XBackendError(f"Traces {a.path} and {b.path} are not comparable: " + "; ".join(reasons),
-                            fix="capture both with the same model, prompt, seed and settings, "
-                            "or pass --force (force=True) to compare them anyway")
-    if a.streams != b.streams or list(a.meta["vocab"]) != list(b.meta["vocab"]):
-        raise XBackendError(f"Traces {a.path} and {b.path} cannot be compared even by force: "
-                            f"streams {a.streams} / vocabularies {a.meta['vocab']} vs {b.streams} / {b.meta['vocab']}",
-                            fix="compare traces of the same model")
+    reasons = require_comparable(a, b, force=force, fix="capture both")
     common = min(a.steps, b.steps)
     if not (a.has_logits and b.has_logits):
         return _token_diff(a, b, reasons)

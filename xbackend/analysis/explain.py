@@ -8,7 +8,7 @@ nothing unmeasured printed as a number ("not measured: one run").
 from __future__ import annotations
 
 from ..advisories import sentence
-from ..results import NOT_MEASURED, Point, Verdict, times, where
+from ..results import NOT_MEASURED, SEMANTIC_FACTOR, Point, Verdict, times, where
 from ..samplers import describe_identity
 
 
@@ -68,7 +68,7 @@ def _main(v: Verdict) -> str:
             cause = (f"from step {onset.step} on, after {onset.step} steps of agreement (drift up to "
                      f"{_num(before)} before): a cache, context or position bug, not kernels.")
         return (f"Teacher-forced onto {ref}'s tokens, {who}'s logits jump past {f['semantic_threshold']:.3g} "
-                f"(100x the larger of the tolerance {tol:g} and the run-to-run drift) at {onset} and stay there "
+                f"({SEMANTIC_FACTOR:g}x the larger of the tolerance {tol:g} and the run-to-run drift) at {onset} and stay there "
                 f"({f['onset_share_over']:.0%} of the steps from it on; up to {f['onset_max_abs']:.3g}, "
                 f"{times(f['onset_max_abs'] / tol) if tol > 0 else 'infinitely'} the tolerance). Kernels do not do "
                 f"that; the mismatch persists {cause}")
@@ -112,7 +112,7 @@ def _numeric(v: Verdict, at: str) -> str:
         spike = f["spikes"][0]
         after = f.get("spike_after_median")
         return (f"Teacher-forced drift spikes to {spike['max_abs']:.3g} at {at}, past the threshold of "
-                f"{f['semantic_threshold']:.3g} (100x the larger of the tolerance and the run-to-run drift), and "
+                f"{f['semantic_threshold']:.3g} ({SEMANTIC_FACTOR:g}x the larger of the tolerance and the run-to-run drift), and "
                 f"returns to baseline (median per-step drift after it: {_num(after)}): a numeric event at that step "
                 "(e.g. a kernel glitch), not a persistent semantic change.")
     native = f.get("native_divergence")

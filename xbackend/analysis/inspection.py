@@ -17,14 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import metrics, words
-from ..errors import XBackendError
+from ..streams import text_padding_id
 from ..store.trace import Trace
 
 LOOP_MIN_REPEATS = 3
 LOOP_MIN_SPAN = 12
 MAX_PERIOD = 32
 AFTER = 10  # tokens shown per stream after a divergence
-DEFAULT_PADDING_ID = 3  # moshi's existing_text_padding_id
 ENTROPY_TEMPERATURE = 1.0
 _BLOCK = 256
 
@@ -100,9 +99,7 @@ def find_loop(tokens: np.ndarray, *, min_repeats: int = LOOP_MIN_REPEATS, min_sp
 
 
 def padding_id(trace: Trace) -> int:
-    config = (trace.meta.get("model") or {}).get("config") or {}
-    value = config.get("existing_text_padding_id")
-    return DEFAULT_PADDING_ID if value is None else int(value)
+    return text_padding_id(trace.meta)
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,17 +161,9 @@ def divergence(a: Trace, b: Trace, after: int = AFTER, *, force: bool = False) -
 
     The same comparability check as `diff`: traces of different models, prompts or settings are
     refused unless `force` (then the reasons are returned with the result)."""
-    from .diff import comparability
+    from .diff import require_comparable
 
-    reasons = comparability(a, b)
-    if reasons and not force:
-        raise XBackendError(f"Traces {a.path} and {b.path} are not comparable: " + "; ".join(reasons),
-                            fix="inspect against a trace of the same model, prompt, seed and settings, "
-                                "or pass --force (force=True)")
-    if a.streams != b.streams or a.vocab != b.vocab:
-        raise XBackendError(f"Traces {a.path} and {b.path} cannot be compared even by force: streams "
-                            f"{a.streams} / {list(a.vocab.values())} vs {b.streams} / {list(b.vocab.values())}",
-                            fix="inspect against a trace of the same model")
+    reasons = require_comparable(a, b, force=force, fix="inspect against a trace")
     n = min(a.steps, b.steps)
     found = metrics.first_token_divergence(a, b)
     out = {"against": str(b.path), "steps_compared": n, "first_divergence": None, "after": {},

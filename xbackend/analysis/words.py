@@ -18,11 +18,11 @@ from typing import Mapping
 import numpy as np
 
 from ..capture.models import TINY, file_digest
+from ..streams import text_padding_id
 from ..store.trace import Trace
 
 MARK = "⟦"
 END_OF_PADDING_ID = 0
-DEFAULT_PADDING_ID = 3
 MAX_TOKENIZER_BYTES = 64 << 20  # Kyutai's 32k model is 0.55 MB; anything this big is not a tokenizer
 BUNDLED = TINY / "tokenizer.model"
 
@@ -81,10 +81,7 @@ def tokenizer_for(meta: Mapping, explicit: str | Path | None = None) -> TextToke
 
 def skipped_ids(meta: Mapping) -> frozenset[int]:
     """Token ids that are not words: end of padding and the model's padding id."""
-    model = meta.get("model") if isinstance(meta.get("model"), Mapping) else {}
-    config = model.get("config") if isinstance(model.get("config"), Mapping) else {}
-    pad = config.get("existing_text_padding_id")
-    return frozenset({END_OF_PADDING_ID, pad if isinstance(pad, int) else DEFAULT_PADDING_ID})
+    return frozenset({END_OF_PADDING_ID, text_padding_id(meta)})
 
 
 def pieces(trace: Trace, tokenizer: TextTokenizer | None = None) -> list[str] | None:

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import XBackendError
+from ..streams import stream_names
 
 REFERENCE = Path(__file__).resolve().parents[2] / "reference"
 TINY = REFERENCE / "models" / "tiny"
@@ -77,7 +78,7 @@ class ModelRef:
 
     @property
     def streams(self) -> list[str]:
-        return ["text"] + [f"audio{i}" for i in range(self.dep_q)]
+        return stream_names(self.dep_q)
 
     @property
     def vocab(self) -> list[int]:
@@ -304,14 +305,25 @@ def check_weights_fit(config: dict, header: dict, weights: Path) -> None:
 def _local(name: str, weights: Path, config_path: Path, source: str, codec: CodecRef | None) -> ModelRef:
     raw = _read_raw_config(config_path)
     config = {k: v for k, v in raw.items() if k not in NON_LM_KEYS}
+    return checked_model(name, config, weights, source, codec, _local_tokenizer(weights.parent, raw))
+
+
+def weights_digest(weights: Path, config: dict | None) -> str:
+    """The one digest of a checkpoint (model or codec): its file digest and its config, as recorded everywhere."""
+    return hashlib.sha256((file_digest(weights) + json.dumps(config, sort_keys=True)).encode()).hexdigest()[:16]
+
+
+def checked_model(name: str, config: dict, weights: Path, source: str, codec: CodecRef | None,
+                  tokenizer: Path | None) -> ModelRef:
+    """A model reference once its weights are checked against its config, wherever they came from (a local
+    directory or file, or the hub): the layout detected, the embedding tables sized, the codec a safetensors."""
     layout, quant = detect_layout(weights)
     if layout != "mlx":
         check_weights_fit(config, safetensors_header(weights), weights)
     if codec is not None:
         safetensors_header(codec.weights, "codec")
-    digest = hashlib.sha256((file_digest(weights) + json.dumps(config, sort_keys=True)).encode()).hexdigest()[:16]
-    return ModelRef(name=name, config=config, weights=weights, digest=digest, source=source,
-                    layout=layout, quant=quant, codec=codec, tokenizer=_local_tokenizer(weights.parent, raw))
+    return ModelRef(name=name, config=config, weights=weights, digest=weights_digest(weights, config), source=source,
+                    layout=layout, quant=quant, codec=codec, tokenizer=tokenizer)
 
 
 def _local_tokenizer(directory: Path, raw: dict) -> Path | None:
@@ -459,8 +471,4 @@ def _from_hub(name: str, config: str | None) -> ModelRef:
         raise
     except Exception as exc:  # huggingface_hub raises many types: offline, 404, auth
         raise hub_error(name, exc, "--model") from None
-    config_dict = {k: v for k, v in raw.items() if k not in NON_LM_KEYS}
-    layout, quant = detect_layout(weights)
-    digest = hashlib.sha256((file_digest(weights) + json.dumps(config_dict, sort_keys=True)).encode()).hexdigest()[:16]
-    return ModelRef(name=name, config=config_dict, weights=weights, digest=digest, source="hf",
-                    layout=layout, quant=quant, codec=codec, tokenizer=tokenizer)
+    return checked_model(name, {k: v for k, v in raw.items() if k not in NON_LM_KEYS}, weights, "hf", codec, tokenizer)

@@ -19,7 +19,7 @@ from .prompt import CODES_SUFFIXES, Prompt, check_codes_range, codes_digest, loa
 from ..requests import CaptureRequest  # noqa: F401 (re-exported: its old home)
 from ..samplers import DEFAULT_SEED, Sampler, parse_mode  # noqa: F401 (DEFAULT_SEED: re-exported)
 from ..store.claim import claim
-from ..store.trace import COMPACT, LOGITS_DTYPES, Trace, TraceWriter, load_trace
+from ..store.trace import COMPACT, Trace, TraceWriter, load_trace, step_bytes
 
 
 def forced_plan(source: str, model: ModelRef, steps: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -96,8 +96,7 @@ def stored_dtype(backend_dtype: str) -> str:
 
 def trace_bytes(model: ModelRef, steps: int, backend_dtype: str) -> int:
     """Bytes one run's trace takes on disk (logits in their stored dtype, tokens, margins, inputs, digests)."""
-    item = LOGITS_DTYPES[stored_dtype(backend_dtype)].itemsize
-    return steps * (sum(model.vocab) * item + 8 * len(model.streams) + 4 * model.n_user + 33) + 65536
+    return steps * step_bytes(model.streams, model.vocab, stored_dtype(backend_dtype), model.n_user) + 65536
 
 
 class LoadedBackend:

@@ -10,7 +10,6 @@ group; frameworks are imported only when a codec is created.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import BackendUnavailable, XBackendError
-from ..capture.models import MIMI_NAME, CodecRef, _local_codec, file_digest, hub_error, hub_parts, tiny_codec
+from ..capture.models import MIMI_NAME, CodecRef, _local_codec, hub_error, hub_parts, tiny_codec, weights_digest
 from ..registry import Registry
 from ..spec import BackendSpec, Grammar, parse_spec, parse_specs
 from .base import FRAME_SIZE, HOOK_POINTS, SAMPLE_RATE, ActivationHook, Codec, check_codebooks, codec_info
@@ -167,7 +166,7 @@ def _codec_from_hub(name: str) -> CodecRef:
 
 
 def codec_digest(ref: CodecRef) -> str:
-    return hashlib.sha256((file_digest(ref.weights) + json.dumps(ref.config, sort_keys=True)).encode()).hexdigest()[:16]
+    return weights_digest(ref.weights, ref.config)
 
 
 def describe_codec(ref: CodecRef) -> dict:

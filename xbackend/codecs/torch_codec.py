@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..env import COMPILE_ENV, mps_unavailable
+from ..env import COMPILE_ENV, install_hint, mps_unavailable
 from ..errors import XBackendError
 from ..capture.models import CodecRef
 from ..spec import BackendSpec
@@ -50,7 +50,7 @@ class TorchCodec(Codec):
             import moshi  # noqa: F401
             import torch
         except ImportError as exc:
-            return f"PyTorch or moshi is not installed ({exc.name}); install with `pip install torch moshi`"
+            return f"PyTorch or moshi is not installed ({exc.name}); install with `{install_hint('torch')}`"
         if self.device == "cuda" and not torch.cuda.is_available():
             return "no CUDA device"
         if self.device == "mps":

@@ -26,7 +26,7 @@ from .markdown import details, md_table
 from ..results import Point, Verdict, where
 from ..store.rundir import FORCED, NATIVE_0, PORTABLE, PROMPT_CODES, REPORT_JSON, RunDir, load_run, native, safe_name
 from ..samplers import SamplingSettings
-from ..store.trace import Trace, TraceWriter, write_bytes_atomic
+from ..store.trace import Trace, TraceWriter, step_bytes, write_bytes_atomic
 
 __all__ = ["RunDir", "load_run", "write_report", "softmax", "BUNDLE_LIMIT", "TOP", "WINDOW"]
 
@@ -298,8 +298,7 @@ class BundlePlan:
 
 def row_bytes(trace: Trace) -> int:
     """Bytes one step takes in a trace directory."""
-    n = len(trace.streams)
-    return sum(trace.meta["vocab"]) * trace.logits_itemsize + 8 * n + 4 * int(trace.meta["n_inputs"]) + 33
+    return step_bytes(trace.streams, trace.meta["vocab"], trace.logits_dtype, trace.meta["n_inputs"], trace.has_logits)
 
 
 def _wanted(run: RunDir, half: int) -> list[Window]:

@@ -35,11 +35,12 @@ import numpy as np
 from ..samplers.candle import ALGORITHM, IDENTITY, RNG
 from ..errors import XBackendError
 from ..capture.prompt import codes_digest
-from ..samplers import RUST_CLI_SETTINGS, SamplingSettings
+from ..samplers import DEFAULT_SEED, RUST_CLI_SETTINGS, SamplingSettings
+from ..streams import TEXT_PADDING_ID, stream_names
 from ..store.trace import Trace, TraceWriter, load_trace
 
 FORMATS = ("session", "verbose", "lines")
-RUST_CLI_SEED = 299792458
+RUST_CLI_SEED = DEFAULT_SEED  # xbackend's default is the Rust CLI's
 MAX_LOG_BYTES = 2 * 1024**3
 # moshi-core's Config::v0_1(), which moshi-backend uses when its config has no lm_config
 V0_1 = {"generated_audio_codebooks": 8, "input_audio_codebooks": 8, "audio_vocab_size": 2049, "acoustic_delay": 2,
@@ -79,7 +80,7 @@ class RustRun:
 
     @property
     def streams(self) -> list[str]:
-        return ["text"] + [f"audio{i}" for i in range(self.dep_q)]
+        return stream_names(self.dep_q)
 
     @property
     def vocab(self) -> list[int]:
@@ -341,7 +342,7 @@ def read_verbose(path: str | Path, settings: SamplingSettings = RUST_CLI_SETTING
         lead = int(np.argmin(early)) if not early.all() else n
         acoustic_delay = max(lead - 1, 0) if gen > 1 and lead < n else 2
     cfg = {"generated_audio_codebooks": gen, "input_audio_codebooks": n_user, "audio_vocab_size": pad + 1,
-           "acoustic_delay": int(acoustic_delay), "text_pad_token": 3, "text_eop_token": 0, "text_start_token": start}
+           "acoustic_delay": int(acoustic_delay), "text_pad_token": TEXT_PADDING_ID, "text_eop_token": 0, "text_start_token": start}
     tokens = np.full((n, 1 + gen), -1, dtype=np.int64)
     for i, s in enumerate(steps):
         tokens[i, 1:] = [t for t, _, _ in s["sampled"]]
@@ -449,7 +450,7 @@ def read_lines_log(path: str | Path, settings: SamplingSettings = RUST_CLI_SETTI
         tokens = tokens[:n - 1]
         n -= 1
     cfg = {"generated_audio_codebooks": gen, "input_audio_codebooks": 0, "audio_vocab_size": audio_vocab + 1,
-           "acoustic_delay": d, "text_pad_token": 3, "text_eop_token": 0, "text_start_token": text_vocab}
+           "acoustic_delay": d, "text_pad_token": TEXT_PADDING_ID, "text_eop_token": 0, "text_start_token": text_vocab}
     _check_range(path, tokens, None, cfg)
     how = "detected" if audio_layout_asked == "auto" else "asked"
     notes = [f"audio lines read as {audio_layout} ({how}; --audio-layout)", "no user codes in this log"]

@@ -33,10 +33,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..samplers.candle import FRAGILE_ULPS, CandleSampler, CandleStreams, select_nth_unstable_desc
+from ..samplers.candle import FRAGILE_ULPS, CandleSampler, CandleStreams, rng_word_index, select_nth_unstable_desc
 from ..errors import XBackendError
 from ..capture.models import resolve_model
 from ..samplers import Sampler, SamplingSettings
+from ..streams import text_padding_id
 from ..store.trace import Trace, load_trace, write_json_atomic
 
 SCHEMA = "xbackend.replay/1"
@@ -74,8 +75,7 @@ def _candle_setup(trace: Trace) -> tuple[SamplingSettings, int, int, float | Non
                                 fix="import the run again, giving --seed if the log has none")
     rep = sampler.get("repetition_penalty")
     rep = tuple(rep) if rep and float(rep[1]) != 1.0 else None
-    pad_token = int(sampler.get("pad_token", ((trace.meta.get("model") or {}).get("config") or {})
-                                .get("existing_text_padding_id", 3)))
+    pad_token = int(sampler.get("pad_token", text_padding_id(trace.meta)))
     return settings, text_seed, audio_seed, sampler.get("pad_mult"), pad_token, rep
 
 
@@ -192,12 +192,9 @@ def check_decisions(app: Trace, forced: Trace, settings: SamplingSettings, text_
         for k, stream in enumerate(app.streams):
             want = int(tokens[step, k])
             row = np.asarray(logits[stream][step])
-            if k == 0:
-                if rep is not None:
-                    row = repetition_penalty(row, forced.tokens[:step, 0], int(rep[0]), float(rep[1]), skip)
-                sampler, index = text, step
-            else:
-                sampler, index = audio, step * dep_q + k - 1
+            if k == 0 and rep is not None:
+                row = repetition_penalty(row, forced.tokens[:step, 0], int(rep[0]), float(rep[1]), skip)
+            sampler, index = text if k == 0 else audio, rng_word_index(step, k, dep_q)
             if want < 0:  # the forced run took candle's pick here: what a consistent app sampled
                 unknown += 1
                 filled.append((step, k))

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from ..errors import XBackendError
+from .candle import IDENTITY as CANDLE_IDENTITY
 
 MODES = ("native", "portable", "greedy", "forced", "candle")
 DEFAULT_SEED = 299792458  # the Rust CLI's default, so runs line up with candle's
@@ -25,8 +26,7 @@ _MASK64 = (1 << 64) - 1
 SAMPLER_IDENTITIES: dict[str, dict[str, str | None]] = {
     "portable": {"algorithm": "xbackend portable: top-k, temperature, Gumbel-max in float64",
                  "rng": "Philox4x64-10 keyed by (seed, step<<16|stream)"},
-    "candle": {"algorithm": "candle LogitsProcessor: temperature, top-k, WeightedIndex (replayed bit-exactly)",
-               "rng": "rand StdRng (ChaCha12), text and audio processors seeded with the seed"},
+    "candle": dict(CANDLE_IDENTITY),  # what candle-mode traces and imported Rust runs record
     "greedy": {"algorithm": "argmax", "rng": None},
     "forced": {"algorithm": "forced: a reference's tokens", "rng": None},
 }

@@ -32,6 +32,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import XBackendError
+from ..streams import TEXT_PADDING_ID
 
 ALGORITHM = "candle TopK WeightedIndex"
 RNG = "StdRng ChaCha12 seeded by PCG32 from u64"
@@ -615,7 +616,7 @@ class CandleSampler:
     """
 
     def __init__(self, seed: int, top_k: int, temperature: float, pad_mult: float | None = None,
-                 pad_token: int = 3):
+                 pad_token: int = TEXT_PADDING_ID):
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise XBackendError(f"candle's TopK needs top_k >= 1, got {top_k!r}",
                                 asked="Rust's select_nth_unstable_by(0) leaves no candidates and "
@@ -683,6 +684,12 @@ class CandleSampler:
         return out
 
 
+def rng_word_index(step: int, stream: int, dep_q: int) -> int:
+    """Which word of its processor's RNG stream the decision of (`step`, `stream`) uses in the Rust Moshi stack:
+    text word `step` for the text stream (0), audio word `step * dep_q + stream - 1` for audio stream `stream`."""
+    return step if stream == 0 else step * dep_q + stream - 1
+
+
 class CandleStreams:
     """The Rust Moshi stack's two processors: one for text, one shared by the depformer slices.
 
@@ -693,17 +700,15 @@ class CandleStreams:
     """
 
     def __init__(self, text_seed: int, audio_seed: int, settings, dep_q: int | None = None,
-                 pad_token: int = 3, pad_mult: float | None = None):
+                 pad_token: int = TEXT_PADDING_ID, pad_mult: float | None = None):
         self.text = CandleSampler(text_seed, settings.top_k_text, settings.temp_text, pad_mult, pad_token)
         self.audio = CandleSampler(audio_seed, settings.top_k_audio, settings.temp_audio)
         self.dep_q = dep_q
 
     def word_index(self, step: int, stream: int) -> int:
-        if stream == 0:
-            return step
-        if self.dep_q is None:
+        if stream and self.dep_q is None:
             return self.audio.position  # in call order
-        return step * self.dep_q + stream - 1
+        return rng_word_index(step, stream, self.dep_q)
 
     def decide(self, step: int, stream: int, logits: np.ndarray) -> CandleDecision:
         sampler = self.text if stream == 0 else self.audio

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..streams import stream_names as _names
 from ..samplers import DEFAULT_SEED, SAMPLER_IDENTITIES, Sampler, SamplingSettings
 from ..store.trace import Trace, TraceWriter, load_trace, round_logits
 
@@ -21,7 +22,7 @@ SYNTHETIC_SEED = DEFAULT_SEED  # the trace's recorded run seed (capture's defaul
 
 
 def stream_names(n: int) -> list[str]:
-    return ["text"] + [f"audio{i}" for i in range(n - 1)]
+    return _names(n - 1)
 
 
 def default_meta(*, seed: int = SYNTHETIC_SEED, mode: str = "greedy", dtype: str = "fp32",
