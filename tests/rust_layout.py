@@ -2,7 +2,7 @@
 
 - `write_session`: moshi-backend's `SessionSummary` JSON and the `.safetensors` with moshi-core's
   `State` arrays (`text_tokens(false)` i64 [T], `audio_tokens(false)` i64 [T, gen + input], -1 for
-  UNGENERATED), written the way `State::step_` fills them (rustlogs.steps_to_session).
+  UNGENERATED), written the way `State::step_` fills them (xbackend.testing.rust.steps_to_session).
 - `write_verbose_log`: what `MIMI_VERBOSE=1` prints per step: `text_ids [..]`, `audio_ids  [..] ..`
   (the model's inputs as `State::step_` builds them), `logits:` and a tensor, then
   `sampled {token} logits {slice}:` and a tensor per depformer slice.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xbackend.rust.logs import steps_to_session
+from xbackend.testing.rust import steps_to_session
 
 
 def rust_config(model, acoustic_delay: int) -> dict:

@@ -21,7 +21,7 @@ def test_a_traces_size_on_disk_is_step_bytes(tmp_path):
     steps = 5
     tr = run(tmp_path, "t", steps=steps, sampler="greedy")
     data = sum((tr.path / name).stat().st_size for name, _ in file_sizes(tr.meta)) + (tr.path / DIGESTS).stat().st_size
-    per_step = step_bytes(tr.streams, tr.meta["vocab"], tr.logits_dtype, tr.meta["n_inputs"])
+    per_step = step_bytes(tr.meta)
     assert data == steps * per_step == steps * row_bytes(tr)
     assert trace_bytes(resolve_model("tiny"), steps, "fp32") == steps * per_step + 65536  # + room for meta.json
 

@@ -218,7 +218,8 @@ def test_bad_and_partial_logs_are_one_line_exit_2(app_run, tmp_path):
 
 
 def test_session_layout_round_trip_is_exact(app_run):
-    from xbackend.rust.logs import session_to_steps, steps_to_session
+    from xbackend.rust.logs import session_to_steps
+    from xbackend.testing.rust import steps_to_session
 
     text, audio = steps_to_session(app_run["tokens"], app_run["user"], app_run["cfg"])
     assert (audio[-1, 1:8] == -1).all() and (audio[:, 0] >= 0).all()  # the last row's delayed codebooks: UNGENERATED

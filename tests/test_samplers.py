@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from xbackend.errors import XBackendError
-from xbackend.samplers import (Sampler, SamplingSettings, greedy, parse_mode, portable, portable_uniforms,
-                               tempered_probs)
+from xbackend.samplers import Sampler, SamplingSettings, greedy, parse_mode, portable, portable_uniforms
+from xbackend.testing.samplers import tempered_probs
 
 
 def test_portable_noise_is_a_pure_function_of_its_key():

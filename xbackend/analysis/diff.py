@@ -190,7 +190,6 @@ class DiffResult:
     reasons: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     metrics: StepMetrics | None = field(default=None, repr=False)
-    logits_compared: bool = True  # False when either is a token trace (an imported run): tokens only
 
     @property
     def max_abs(self) -> float:
@@ -254,7 +253,6 @@ class DiffResult:
                                 if self.first_nonfinite else None),
             "logits_identical": self.logits_identical, "tokens_identical": self.tokens_identical,
             "shared_sampler": self.shared_sampler, "samplers": list(self.samplers),
-            "logits_compared": self.logits_compared,
             "expected": self.expected, "exit_code": self.exit_code, "explanation": self.explanation,
             "forced": self.forced, "reasons": list(self.reasons), "notes": list(self.notes),
             "logits_compared": self.logits_compared,

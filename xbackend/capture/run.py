@@ -96,7 +96,9 @@ def stored_dtype(backend_dtype: str) -> str:
 
 def trace_bytes(model: ModelRef, steps: int, backend_dtype: str) -> int:
     """Bytes one run's trace takes on disk (logits in their stored dtype, tokens, margins, inputs, digests)."""
-    return steps * step_bytes(model.streams, model.vocab, stored_dtype(backend_dtype), model.n_user) + 65536
+    meta = {"streams": model.streams, "vocab": model.vocab, "logits_dtype": stored_dtype(backend_dtype),
+            "n_inputs": model.n_user}
+    return steps * step_bytes(meta) + 65536
 
 
 class LoadedBackend:

@@ -298,7 +298,7 @@ class BundlePlan:
 
 def row_bytes(trace: Trace) -> int:
     """Bytes one step takes in a trace directory."""
-    return step_bytes(trace.streams, trace.meta["vocab"], trace.logits_dtype, trace.meta["n_inputs"], trace.has_logits)
+    return step_bytes(trace.meta)
 
 
 def _wanted(run: RunDir, half: int) -> list[Window]:

@@ -231,17 +231,6 @@ def session_to_steps(text: np.ndarray, audio: np.ndarray, cfg: dict) -> tuple[np
     return tokens, audio[:, gen:].copy()
 
 
-def steps_to_session(tokens: np.ndarray, user: np.ndarray, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The inverse: what moshi-core's State holds after `tokens.shape[0]` steps (-1 = UNGENERATED)."""
-    steps, gen, d = tokens.shape[0], cfg["generated_audio_codebooks"], cfg["acoustic_delay"]
-    audio = np.full((steps, gen + user.shape[1]), -1, dtype=np.int64)
-    audio[:, 0] = tokens[:, 1]
-    for s in range(steps):  # the saturating_sub write order: row 0 keeps the last early write
-        audio[max(s - d, 0), 1:gen] = tokens[s, 2:]
-    audio[:, gen:] = user
-    return tokens[:, 0].astype(np.int64), audio
-
-
 def _check_range(path, tokens: np.ndarray, user: np.ndarray | None, cfg: dict) -> None:
     text_v, audio_v = cfg["text_start_token"], cfg["audio_vocab_size"]
     checks = [("text", tokens[:, 0], text_v), ("audio", tokens[:, 1:], audio_v)]

@@ -506,26 +506,19 @@ def _read_digests(path: Path) -> list[str]:
 DIGEST_LINE_BYTES = 33  # a step's line of digests.txt: 32 hex digits and a newline
 
 
-def step_files(streams: list[str], vocab: list[int], logits_dtype: str, n_inputs: int,
-               has_logits: bool = True) -> list[tuple[str, int]]:
-    """(file, bytes per step) of every data file a trace holds: the one rule of a step's size on disk."""
-    n = len(streams)
-    out = []
-    if has_logits:
-        size = LOGITS_DTYPES[logits_dtype].itemsize
-        out += [(f"logits-{s}.bin", int(v) * size) for s, v in zip(streams, vocab)]
-    return out + [("tokens.bin", 4 * n), ("margins.bin", 4 * n), ("inputs.bin", 4 * int(n_inputs))]
-
-
-def step_bytes(streams: list[str], vocab: list[int], logits_dtype: str, n_inputs: int, has_logits: bool = True) -> int:
-    """Bytes one step takes in a trace directory: its data files and its line of digests."""
-    return sum(size for _, size in step_files(streams, vocab, logits_dtype, n_inputs, has_logits)) + DIGEST_LINE_BYTES
-
-
 def file_sizes(meta: dict) -> list[tuple[str, int]]:
     """(file, bytes per step) of every data file a trace with this meta.json holds."""
-    return step_files(meta["streams"], meta["vocab"], meta["logits_dtype"], meta["n_inputs"],
-                      meta.get("has_logits", True))
+    n = len(meta["streams"])
+    out = []
+    if meta.get("has_logits", True):
+        size = LOGITS_DTYPES[meta["logits_dtype"]].itemsize
+        out += [(f"logits-{s}.bin", int(v) * size) for s, v in zip(meta["streams"], meta["vocab"])]
+    return out + [("tokens.bin", 4 * n), ("margins.bin", 4 * n), ("inputs.bin", 4 * int(meta["n_inputs"]))]
+
+
+def step_bytes(meta: dict) -> int:
+    """The one rule of a step's size on disk: its data files (`file_sizes`) and its line of digests."""
+    return sum(size for _, size in file_sizes(meta)) + DIGEST_LINE_BYTES
 
 
 def verify_digests(trace: Trace) -> None:

@@ -112,10 +112,6 @@ def settings(value) -> None:
 # --------------------------------------------------------------------------- report.json (untrusted)
 
 
-def _kind(x) -> str:
-    return type(x).__name__ if x is not None else "null"
-
-
 class _Shape:
     """Checks a JSON value against what `report` reads from it; the first mismatch names its place."""
 
