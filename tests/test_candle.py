@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import xbackend
-from xbackend.samplers import candle
+from xbackend.samplers import candle_select
 from xbackend.samplers.candle import CandleSampler, StdRng, expf, select_nth_unstable_desc, softmax_f32, weighted_index
 from xbackend.errors import XBackendError
 
@@ -134,7 +134,7 @@ def test_numpy_partition_equals_the_pointer_loop(seed):
 def test_partition_loop_by_hand():
     """partition_lomuto_branchless_cyclic on a small slice, traced by hand from quicksort.rs."""
     w = [5, 1, 4, 2, 3]  # values; pivot 3, is_less = value < 3
-    num_lt = candle._lomuto_cyclic_list(w, lambda a: a < 3)
+    num_lt = candle_select._lomuto_cyclic_list(w, lambda a: a < 3)
     # r=1: 1<3 -> [1,1,4,2,3]; r=2: 4 -> [1,4,4,2,3]; r=3: 2<3 -> [1,2,4,2,3]; r=4: 3 -> [1,2,3,4,3];
     # the saved first element 5 goes last: w[4] = w[2], w[2] = 5
     assert num_lt == 2 and w == [1, 2, 5, 4, 3]
