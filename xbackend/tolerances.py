@@ -28,11 +28,34 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
 from .errors import XBackendError
 
 TOLERANCES: dict[str, float] = {"fp64": 1e-5, "fp32": 1e-3, "fp16": 0.25, "bf16": 1.0, "q8": 2.0, "q4": 8.0}
 CHECK_TOLERANCES: dict[str, float] = {"fp64": 4e-6, "fp32": 1e-5, "fp16": 4e-3, "bf16": 1.6e-2, "q8": 5e-2,
                                       "q4": 2e-1}
+
+# The semantic threshold (docs/design.md, Verdict rules): a decision's sampler-visible distance is
+# over it when it is beyond what the tier's numerics can give, either way:
+GROSS = 2.0  # broad: visible |Δlogit| > GROSS x tolerance (healthy: visible <= max|Δlogit| <= tol)
+CONCENTRATED = 12.0  # concentrated: the most changed token > CONCENTRATED x the row's own robust noise (healthy: see below)
+NOISE_FLOOR = 0.01  # the row noise is floored at this share of the tolerance (fp32 rows whose Δ is mostly 0)
+
+
+def over_threshold(visible: np.ndarray, deviation: np.ndarray, noise: np.ndarray, tol: float,
+                   run_to_run: float | None = None) -> np.ndarray:
+    """Decisions whose sampler-visible distance the tier's numerics cannot explain (NaN counts as over).
+
+    `tol` is the tier's tolerance, `run_to_run` the largest drift between repeats of either backend:
+    over when the sampler-visible |Δlogit| is broad (beyond GROSS x the larger of the two), or
+    concentrated (the most changed token's deviation beyond CONCENTRATED x the row's own noise, and
+    the visible |Δlogit| beyond GROSS x the run-to-run drift, which kernels may put on any token)."""
+    visible = np.where(np.isnan(visible), np.inf, visible)
+    deviation = np.where(np.isnan(deviation), np.inf, deviation)
+    rr = run_to_run or 0.0
+    return (visible > GROSS * max(tol, rr)) | (
+        (deviation > CONCENTRATED * np.maximum(noise, NOISE_FLOOR * tol)) & (visible > GROSS * rr))
 
 
 def tier_of(trace) -> str:

@@ -52,7 +52,9 @@ def evidence_kind(v: Verdict) -> str:
     """The run whose traces show this verdict's divergence."""
     if v.verdict == "NUMERIC_DIVERGENCE":
         return {"native": NATIVE_0, "spike": FORCED}.get(v.figures.get("numeric_cause"), PORTABLE)
-    return FORCED if v.verdict == "SEMANTIC_MISMATCH" else NATIVE_0
+    if v.verdict == "SEMANTIC_MISMATCH":
+        return NATIVE_0 if v.figures.get("onset_source") == "native" else FORCED
+    return NATIVE_0
 
 
 def quoted_points(v: Verdict) -> list[tuple[Point, str]]:
