@@ -383,16 +383,23 @@ def test_a_change_no_sampler_can_see_is_numeric_drift(tmp_path, name, logits, me
     assert "changes no decision" in v.explanation
 
 
-def test_a_few_logits_on_one_token_are_semantic_on_every_tier(tmp_path):
-    # the row noise of a loose tier: broad drift of its size; the fault: +3 on token 5 of the text from step 6
-    for tier, tol in (("fp16", 0.25), ("bf16", 1.0), ("q8", 2.0), ("q4", 8.0)):
-        noise = broad(tol / 8, seed=len(tier))
-        fault = np.zeros_like(BASE)
-        fault[6:, 0, 5] = 3.0
-        healthy = run(ref_of(tmp_path, tier), backend(tmp_path / tier, "ok", delta=noise), tol=tol)
-        assert healthy.verdict == "NUMERIC_DRIFT" and healthy.expected, (tier, healthy.figures)
-        v = run(ref_of(tmp_path, tier), backend(tmp_path / tier, "bad", delta=noise + fault), tol=tol)
-        assert v.verdict == "SEMANTIC_MISMATCH" and v.first_divergence == Point(6, "text"), (tier, v.figures)
+# The per-step drift noise (1.4826 x MAD of Δlogit over the vocabulary) measured on healthy pairs of the bundled
+# model over 200 steps, median over the steps of the noisiest stream (audio0): cpu:fp16 0.015, mlx:cpu:bf16 0.13,
+# mlx:q8 0.05, mlx:q4 0.82 (its largest step: 1.99, where +8 is only 4x the noise: a hole, which persistence
+# tolerates). Planted here as Gaussian drift of that size on every stream.
+
+
+@pytest.mark.parametrize("tier, tol, noise", [("fp16", 0.25, 0.015), ("bf16", 1.0, 0.13), ("q8", 2.0, 0.05),
+                                              ("q4", 8.0, 0.82)])
+def test_a_few_logits_on_one_token_are_semantic_on_every_tier(tmp_path, tier, tol, noise):
+    drift = np.random.default_rng(7).normal(scale=noise, size=BASE.shape)
+    fault = np.zeros_like(BASE)
+    fault[6:, 0, 5] = 8.0  # +8 on one text token from step 6 (the issue's +8 on the pad token)
+    ref = ref_of(tmp_path, tier)
+    healthy = run(ref, backend(tmp_path, "ok", delta=drift), tol=tol)
+    assert healthy.verdict == "NUMERIC_DRIFT" and healthy.expected, healthy.explanation
+    v = run(ref, backend(tmp_path, "bad", delta=drift + fault), tol=tol)
+    assert v.verdict == "SEMANTIC_MISMATCH" and v.first_divergence == Point(6, "text"), v.explanation
 
 
 def ref_of(tmp_path, tier):

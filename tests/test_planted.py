@@ -16,9 +16,10 @@ from xbackend.compare import CompareRequest, run_compare
 from xbackend.results import Point
 
 from .helpers import needs_mlx, needs_tiny
+from .test_compare import PLUGINS
 
 pytestmark = needs_tiny
-STEPS = 32
+STEPS = 24
 PAD = 3  # the bundled model's text padding token (config existing_text_padding_id)
 
 PLANTED = {
@@ -101,18 +102,7 @@ PLANTED = {
 
         xbackend.register_backend("seed12345", lambda spec: FixedSeed(xbackend.parse_spec("cpu")))
     """,
-    # A native sampler seeded from the OS: its own repeats differ.
-    "unseeded": """
-        import os
-        from xbackend.backends.torch_backend import TorchBackend
-
-        class Unseeded(TorchBackend):
-            def seed_rng(self, seed):
-                import torch
-                torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
-
-        xbackend.register_backend("unseeded", lambda spec: Unseeded(xbackend.parse_spec("cpu")))
-    """,
+    "unseeded": PLUGINS["unseeded"],  # a native sampler seeded from the OS: its own repeats differ
     # +8 on one audio1 token from step 20 on MLX: run as mlxpad:q8, mlxpad:q4, mlxpad:cpu:bf16.
     "mlxpad": """
         def f(run, step, stream, x):
@@ -162,7 +152,8 @@ def test_a_few_logits_on_one_token_are_found_on_a_loose_tier(cpu_report, backend
 def test_recurring_faults_and_holes_persist_from_their_onset(cpu_report, backend):
     v = cpu_report.verdict_for(backend)
     assert v.verdict == "SEMANTIC_MISMATCH" and v.first_divergence == Point(10, "text"), v.explanation
-    assert "NUMERIC_DIVERGENCE" not in {s.verdict for s in v.secondary if s.at and s.at.step >= 10}
+    # the flips the fault causes are its consequence, not findings of their own
+    assert "NUMERIC_DIVERGENCE" not in {s.verdict for s in v.secondary}
 
 
 def test_a_transient_elsewhere_is_a_secondary_spike(cpu_report):

@@ -36,7 +36,7 @@ from .explain import explain
 from ..results import VERDICTS, Finding, Point, Repeatability, Verdict, times
 from ..samplers import shares_sampler
 from ..store.trace import Trace
-from ..tolerances import CONCENTRATED, GROSS, NOISE_FLOOR, over_threshold
+from ..tolerances import CONCENTRATED, CONCENTRATED_SHARE, GROSS, NOISE_FLOOR, over_threshold
 
 
 
@@ -241,7 +241,7 @@ def semantic_onset(ref: BackendRuns, other: BackendRuns, tol: float, rr: float |
     if vis.visible.size:
         z = vis.deviation / np.maximum(vis.noise, NOISE_FLOOR * tol)
         figures["concentration_max"] = _nanmax(z)
-    return onset, {"vis": vis, "over": over, **figures}
+    return onset, {"vis": vis, "over": over, "native_over": nover, **figures}
 
 
 def _points(mask: np.ndarray, streams: list[str], limit: int = 64) -> list[dict]:
@@ -285,9 +285,9 @@ def diagnose(ref: BackendRuns, other: BackendRuns, tolerance: float, window: int
                          else None, within_tolerance=bool(within), window=window,
                          changes_no_decision=bool(forced_max > tolerance and visible_max <= tolerance),
                          semantic_tolerance=tol_eff, semantic_gross=GROSS * tol_eff,
-                         semantic_concentration=CONCENTRATED, semantic_floor=max(NOISE_FLOOR * tolerance,
-                                                                                 GROSS * (rr or 0.0) / CONCENTRATED),
-                         **{k: v for k, v in seen.items() if k not in ("vis", "over")})
+                         semantic_concentration=CONCENTRATED,
+                         semantic_concentrated_min=max(CONCENTRATED_SHARE * tolerance, GROSS * (rr or 0.0)),
+                         **{k: v for k, v in seen.items() if k not in ("vis", "over", "native_over")})
     figures["free_sampler"] = (ref.portable.meta.get("sampler") or {}).get("mode") or "portable"
     if forced_max > tolerance:
         over = np.argwhere(np.where(np.isnan(fd), np.inf, fd) > tolerance)[0]
@@ -304,7 +304,8 @@ def diagnose(ref: BackendRuns, other: BackendRuns, tolerance: float, window: int
                        onset_visible=float(seen["vis"].visible[on.onset.step, k]) if on.source == "forced" else
                        seen["native_visible_max"],
                        onset_before=float(seen["vis"].visible[: on.onset.step, k].max()) if on.onset.step else None)
-        figures["evidence"] = semantic_evidence(ref, other, on, tolerance, rr)
+        shown = seen["over"] if on.source == "forced" else seen["native_over"]
+        figures["evidence"] = semantic_evidence(ref, other, on, shown[:, k], tolerance, rr)
     if on.spikes:
         vis = seen["vis"]
         figures["spikes"] = [{"step": q.step, "stream": q.stream,
@@ -337,9 +338,11 @@ def diagnose(ref: BackendRuns, other: BackendRuns, tolerance: float, window: int
     if n is not None:
         figures["native_delta_at_divergence"] = metrics.max_abs_at(ref.native[0], other.native[0], n.step, n.stream)
     causes = []
-    if p is not None and (n is None or _order(p, streams) <= _order(n, streams)):
+    before_onset = lambda q: on.onset is None or _order(q, streams) < _order(on.onset, streams)  # noqa: E731
+    # a flip at or after a semantic onset is the mismatch's consequence, not a finding of its own
+    if p is not None and (n is None or _order(p, streams) <= _order(n, streams)) and before_onset(p):
         causes.append(("portable", p))
-    if n is not None and shared:
+    if n is not None and shared and before_onset(n):
         causes.append(("native", n))
     if on.spikes and (on.onset is None or _order(on.spikes[0], streams) < _order(on.onset, streams)):
         causes.append(("spike", on.spikes[0]))

@@ -84,8 +84,9 @@ def _scale(r: np.ndarray, o: np.ndarray, k: int) -> float:
     return float(rc @ oc) / denom if denom > 0 else 1.0
 
 
-def semantic_evidence(ref, other, onset, tol: float, rr: float | None = None) -> dict:
-    """The tested cause of a semantic onset (`diagnose.Onset`), or None, and what was ruled out."""
+def semantic_evidence(ref, other, onset, over: np.ndarray, tol: float, rr: float | None = None) -> dict:
+    """The tested cause of a semantic onset (`diagnose.Onset`), or None, and what was ruled out;
+    `over` (`[steps]`) marks the onset stream's decisions over the threshold: the ones tested."""
     a = ref.native[0]
     b = other.forced if onset.source == "forced" else other.native[0]
     point = onset.onset
@@ -97,7 +98,7 @@ def semantic_evidence(ref, other, onset, tol: float, rr: float | None = None) ->
     if detail:
         return {**out, "cause": "recorded difference", "detail": detail}
     n = min(a.steps, b.steps)
-    steps = [s for s in range(point.step, n)][:EVIDENCE_STEPS]
+    steps = [s for s in range(point.step, min(n, over.shape[0])) if over[s]][:EVIDENCE_STEPS]
     ra, rb = a.logits(point.stream), b.logits(point.stream)
     rows = [(np.asarray(ra[s], dtype=np.float64), np.asarray(rb[s], dtype=np.float64)) for s in steps]
     for shift, name in ((-1, "previous"), (1, "next")):

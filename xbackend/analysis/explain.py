@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..advisories import sentence
 from ..results import NOT_MEASURED, Point, Verdict, times, where
 from ..samplers import describe_identity
+from ..tolerances import NOISE_FLOOR
 
 
 def _num(x) -> str:
@@ -25,9 +26,10 @@ def drift_sentence(v: Verdict) -> str:
         return (f"Teacher-forced onto {v.vs}'s tokens, {v.backend}'s logits are not finite at some step "
                 f"(run-to-run drift {_num(f.get('run_to_run_drift'))}).")
     if f.get("changes_no_decision"):
-        state = (f"{times(size / tol) if tol > 0 else 'infinitely'} the tolerance of {tol:g} in raw logits, but a change "
-                 f"no sampler can see: after temperature and top-k the distributions differ by at most {seen:.3g} "
-                 f"(a shift, or the tail below top-k), within the tolerance; it changes no decision")
+        state = (f"{times(size / tol) if tol > 0 else 'infinitely'} the tolerance of {tol:g} in raw logits, but what "
+                 f"the sampler sees (after temperature and top-k, less a uniform shift) moves by at most {seen:.3g}, "
+                 "within the tolerance" + ("; a change no sampler can see (a shift, or the tail below top-k): it "
+                                           "changes no decision" if seen <= NOISE_FLOOR * tol else ""))
     elif size <= tol:
         state = f"within the tolerance of {tol:g}"
     else:
@@ -90,9 +92,9 @@ def free_sampler_name(f: dict) -> str:
 
 
 def _threshold(f: dict) -> str:
-    return (f"over the semantic threshold (sampler-visible distance beyond {f.get('semantic_gross', 0):.3g}, "
-            f"{f.get('semantic_concentration', 0):g}x the step's own drift noise when concentrated on few tokens; "
-            f"tolerance {f.get('semantic_tolerance', f.get('tolerance', 0)):g})")
+    return (f"over the semantic threshold (sampler-visible |Δlogit| beyond {f.get('semantic_gross', 0):.3g}, or beyond "
+            f"{_num(f.get('semantic_concentrated_min'))} with one token {f.get('semantic_concentration', 0):g}x the "
+            f"step's own drift noise; tolerance {f.get('semantic_tolerance', f.get('tolerance', 0)):g})")
 
 
 def _semantic(v: Verdict) -> str:
