@@ -256,8 +256,8 @@ def test_mlx_against_its_own_quantized_or_bf16_is_numeric(tmp_path, other):
 def assert_no_semantic_alarm(v):
     """A healthy loose tier raises no semantic alarm: what its sampler sees stays within the tolerance
     (measured over 200 steps: at most 0.29 x for cpu:fp16, 0.59 x for mlx:cpu:bf16, 0.09 x for mlx:q8),
-    and no token stands out of its step's noise by the concentrated factor (measured at most 8.7x,
-    mlx:cpu:bf16 text; docs/design.md, What the sampler sees)."""
+    and where it is over a quarter of the tolerance no token stands out of its step's noise by the
+    concentrated factor (measured at most 4.1x, mlx:q4; docs/design.md, What the sampler sees)."""
     assert "SEMANTIC_MISMATCH" not in {v.verdict, *(s.verdict for s in v.secondary)}
     assert not v.figures.get("spikes"), v.figures.get("spikes")
     assert v.figures["visible_max"] <= v.figures["tolerance"]

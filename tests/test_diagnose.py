@@ -461,3 +461,23 @@ def test_the_arbiter_line_gives_max_and_median_and_knows_a_reference_that_is_the
     v = run(ref, backend(tmp_path, "fp32", delta=drift_on(slice(None), 1e-4)), arbiter=same)
     assert same["reference_is_arbiter"] and "infinitely" not in v.explanation
     assert "runs the arbiter's own spec" in v.explanation
+
+
+def test_one_fact_one_exit_code_a_flip_within_tolerance(tmp_path, ref):
+    """bf16-like drift within tolerance parts the portable runs at step 2: with one sampler (cpu, cpu:bf16) the
+    native runs part at 0 too, NUMERIC_DIVERGENCE; with another RNG stream (cuda, cuda:bf16 on an H200) it is
+    SAMPLER_DIVERGENCE with the portable flip a secondary finding. The same fact: the same exit code, 0."""
+    drift = broad(5e-4)
+    shared = run(ref, backend(tmp_path, "shared", delta=drift, native_tokens=planted(0, "audio0"),
+                              portable_tokens=planted(2, "audio1")))
+    other = run(ref, backend(tmp_path, "other", delta=drift, native_tokens=planted(0, "audio0"),
+                             portable_tokens=planted(2, "audio1"), identity=MLX_CPU))
+    assert shared.verdict == "NUMERIC_DIVERGENCE" and shared.first_divergence == Point(0, "audio0")
+    assert other.verdict == "SAMPLER_DIVERGENCE" and any(s.verdict == "NUMERIC_DIVERGENCE" and s.at == Point(2, "audio1")
+                                                         for s in other.secondary)
+    assert shared.expected and other.expected and shared.exit_code == other.exit_code == 0
+    beyond = broad(1.5e-3)  # and beyond tolerance, both need attention
+    a = run(ref, backend(tmp_path, "shared2", delta=beyond, native_tokens=planted(0, "audio0")))
+    b = run(ref, backend(tmp_path, "other2", delta=beyond, native_tokens=planted(0, "audio0"), identity=MLX_CPU,
+                         portable_tokens=planted(2, "audio1")))
+    assert a.exit_code == b.exit_code == 1 and "BEYOND tolerance" in a.explanation + b.explanation

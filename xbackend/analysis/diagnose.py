@@ -238,9 +238,10 @@ def semantic_onset(ref: BackendRuns, other: BackendRuns, tol: float, rr: float |
                "topk_set_changed_steps": int(vis.topk_changed.any(axis=1).sum()),
                "native_visible_max": _nanmax(np.where(observed, nvis.visible, 0.0)) if steps else 0.0,
                "over_threshold": {"forced": _points(over, streams), "native": _points(nover, streams)}}
-    if vis.visible.size:
+    if vis.visible.size:  # how far the most changed token stands out, where the rule looks (visible large enough)
         z = vis.deviation / np.maximum(vis.noise, NOISE_FLOOR * tol)
-        figures["concentration_max"] = _nanmax(z)
+        gate = np.where(np.isnan(vis.visible), np.inf, vis.visible) > max(CONCENTRATED_SHARE * tol, GROSS * (rr or 0.0))
+        figures["concentration_max"] = _nanmax(np.where(gate, z, 0.0))
     return onset, {"vis": vis, "over": over, "native_over": nover, **figures}
 
 

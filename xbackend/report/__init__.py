@@ -61,7 +61,8 @@ def quoted_points(v: Verdict) -> list[tuple[Point, str]]:
     """Every (step, stream) the report quotes for a verdict, with the run that shows it."""
     f = v.figures
     out = [(v.first_divergence, evidence_kind(v))] if v.first_divergence else []
-    for key, kind in (("portable_divergence", PORTABLE), ("native_divergence", NATIVE_0), ("onset", FORCED)):
+    onset_run = NATIVE_0 if f.get("onset_source") == "native" else FORCED
+    for key, kind in (("portable_divergence", PORTABLE), ("native_divergence", NATIVE_0), ("onset", onset_run)):
         if f.get(key):
             out.append((Point.from_dict(f[key]), kind))
     out += [(Point(s["step"], s["stream"]), FORCED) for s in f.get("spikes") or []]
