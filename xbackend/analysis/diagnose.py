@@ -242,7 +242,7 @@ def semantic_onset(ref: BackendRuns, other: BackendRuns, tol: float, rr: float |
         z = vis.deviation / np.maximum(vis.noise, NOISE_FLOOR * tol)
         gate = np.where(np.isnan(vis.visible), np.inf, vis.visible) > max(CONCENTRATED_SHARE * tol, GROSS * (rr or 0.0))
         figures["concentration_max"] = _nanmax(np.where(gate, z, 0.0))
-    return onset, {"vis": vis, "over": over, "native_over": nover, **figures}
+    return onset, {"vis": vis, "over": over, "native_vis": nvis, "native_over": nover, **figures}
 
 
 def _points(mask: np.ndarray, streams: list[str], limit: int = 64) -> list[dict]:
@@ -288,7 +288,7 @@ def diagnose(ref: BackendRuns, other: BackendRuns, tolerance: float, window: int
                          semantic_tolerance=tol_eff, semantic_gross=GROSS * tol_eff,
                          semantic_concentration=CONCENTRATED,
                          semantic_concentrated_min=max(CONCENTRATED_SHARE * tolerance, GROSS * (rr or 0.0)),
-                         **{k: v for k, v in seen.items() if k not in ("vis", "over", "native_over")})
+                         **{k: v for k, v in seen.items() if k not in ("vis", "over", "native_vis", "native_over")})
     figures["free_sampler"] = (ref.portable.meta.get("sampler") or {}).get("mode") or "portable"
     if forced_max > tolerance:
         over = np.argwhere(np.where(np.isnan(fd), np.inf, fd) > tolerance)[0]
@@ -298,13 +298,14 @@ def diagnose(ref: BackendRuns, other: BackendRuns, tolerance: float, window: int
     if on.onset is not None:
         holds["SEMANTIC_MISMATCH"] = on.onset
         k = streams.index(on.onset.stream)
+        shown_vis = seen["vis"] if on.source == "forced" else seen["native_vis"]
         share = dict((o.to_dict()["stream"], x) for o, x in on.onsets if o == on.onset)
         figures.update(onset=on.onset.to_dict(), onset_source=on.source,
                        onset_share_over=share.get(on.onset.stream),
                        onsets=[{**o.to_dict(), "share_over": x} for o, x in on.onsets],
-                       onset_visible=float(seen["vis"].visible[on.onset.step, k]) if on.source == "forced" else
-                       seen["native_visible_max"],
-                       onset_before=float(seen["vis"].visible[: on.onset.step, k].max()) if on.onset.step else None)
+                       onset_visible=float(shown_vis.visible[on.onset.step, k]),
+                       onset_tv_max=float(shown_vis.tv[on.onset.step:, k].max()),
+                       onset_before=float(shown_vis.visible[: on.onset.step, k].max()) if on.onset.step else None)
         shown = seen["over"] if on.source == "forced" else seen["native_over"]
         figures["evidence"] = semantic_evidence(ref, other, on, shown[:, k], tolerance, rr)
     if on.spikes:

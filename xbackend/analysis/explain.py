@@ -107,7 +107,7 @@ def _semantic(v: Verdict) -> str:
     text = (f"{source[0].upper() + source[1:]}, the distributions {who}'s sampler draws from (after temperature "
             f"and top-k) go {_threshold(f)} at {onset} and stay there on {f['onset_share_over']:.0%} of that stream's "
             f"steps from it (sampler-visible distance {_num(f.get('onset_visible'))} there, before it at most "
-            f"{_num(f.get('onset_before'))}; total variation up to {_num(f.get('tv_max'))}).")
+            f"{_num(f.get('onset_before'))}; total variation of the two distributions up to {_num(f.get('onset_tv_max'))}).")
     if others:
         text += " Other streams persist too: " + ", ".join(f"{o['stream']} from step {o['step']}" for o in others[:4]) + "."
     text += " The tier's numerics do not do that."
