@@ -439,7 +439,7 @@ def test_a_fault_on_the_native_path_alone_is_semantic(tmp_path, ref):
 
 
 def load(path):
-    from xbackend.trace import load_trace
+    from xbackend.store.trace import load_trace
 
     return load_trace(path)
 
