@@ -35,7 +35,8 @@ def write(path, logits, tokens, mode, identity, tier="fp32", **meta_overrides):
 
 
 def backend(tmp_path, label, *, delta=None, native_tokens=None, portable_tokens=None, repeat_delta=None,
-            repeat_tokens=None, identity=TORCH_CPU, repeats=2, forced=True, logits=None, **meta) -> BackendRuns:
+            repeat_tokens=None, identity=TORCH_CPU, repeats=2, forced=True, logits=None, free="portable",
+            **meta) -> BackendRuns:
     """One backend's runs: logits BASE + delta(step) (all modes), tokens greedy unless planted."""
     d = tmp_path / label
     if logits is None:
@@ -47,7 +48,7 @@ def backend(tmp_path, label, *, delta=None, native_tokens=None, portable_tokens=
         tk = native_tokens if native_tokens is not None else tokens
         tk = repeat_tokens if (i == 1 and repeat_tokens is not None) else tk
         native.append(write(d / f"native-{i}", lg.astype(np.float32), tk, "native", identity, **meta))
-    portable = write(d / "portable", logits, portable_tokens if portable_tokens is not None else tokens, "portable",
+    portable = write(d / "portable", logits, portable_tokens if portable_tokens is not None else tokens, free,
                      None, **meta)
     forced_run = write(d / "forced", logits, tokens, "forced", None, **meta) if forced else None
     return BackendRuns(label, "fp32", "ok", native=native, portable=portable, forced=forced_run)
@@ -481,3 +482,10 @@ def test_one_fact_one_exit_code_a_flip_within_tolerance(tmp_path, ref):
     b = run(ref, backend(tmp_path, "other2", delta=beyond, native_tokens=planted(0, "audio0"), identity=MLX_CPU,
                          portable_tokens=planted(2, "audio1")))
     assert a.exit_code == b.exit_code == 1 and "BEYOND tolerance" in a.explanation + b.explanation
+
+
+def test_free_runs_are_named_by_the_sampler_that_ran_them(tmp_path):
+    ref_c = backend(tmp_path, "ref_c", forced=False, free="candle")
+    v = run(ref_c, backend(tmp_path, "c", free="candle", delta=broad(5e-4), portable_tokens=planted(4, "audio0")))
+    assert v.verdict == "NUMERIC_DIVERGENCE" and v.figures["free_sampler"] == "candle"
+    assert "candle's sampler" in v.explanation and "portable" not in v.explanation

@@ -357,7 +357,8 @@ def diagnose(ref: BackendRuns, other: BackendRuns, tolerance: float, window: int
     if sampler_made_n and (p is None or _order(p, streams) > _order(n, streams)):
         holds["SAMPLER_DIVERGENCE"] = n
         if p is not None:
-            findings.append(Finding("NUMERIC_DIVERGENCE", p, f"portable runs diverge later, at {p}"))
+            findings.append(Finding("NUMERIC_DIVERGENCE", p, f"the {figures['free_sampler']} free runs diverge later, "
+                                                                 f"at {p}"))
     if sampler_made_n and "SAMPLER_DIVERGENCE" not in holds:
         findings.append(Finding("SAMPLER_DIVERGENCE", n, "the native samplers differ too: native tokens would "
                                                          "differ at some point even on equal logits"))
