@@ -255,7 +255,8 @@ def test_mlx_against_its_own_quantized_or_bf16_is_numeric(tmp_path, other):
 
 def assert_no_semantic_alarm(v):
     """A healthy loose tier raises no semantic alarm: what its sampler sees stays within the tolerance
-    (measured over 200 steps: at most 0.29 x for cpu:fp16, 0.59 x for mlx:cpu:bf16, 0.09 x for mlx:q8),
+    (measured over 200 steps: at most 0.27 x for cpu:fp16, 0.49 x cpu:bf16, 0.59 x mlx:cpu:bf16, 0.09 x mlx:q8,
+    0.46 x mlx:q4),
     and where it is over a quarter of the tolerance no token stands out of its step's noise by the
     concentrated factor (measured at most 4.1x, mlx:q4; docs/design.md, What the sampler sees)."""
     assert "SEMANTIC_MISMATCH" not in {v.verdict, *(s.verdict for s in v.secondary)}

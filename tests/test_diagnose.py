@@ -385,8 +385,8 @@ def test_a_change_no_sampler_can_see_is_numeric_drift(tmp_path, name, logits, me
 
 
 # The per-step drift noise (1.4826 x MAD of Δlogit over the vocabulary) measured on healthy pairs of the bundled
-# model over 200 steps, median over the steps of the noisiest stream (audio0): cpu:fp16 0.015, mlx:cpu:bf16 0.13,
-# mlx:q8 0.05, mlx:q4 0.82 (its largest step: 1.99, where +8 is only 4x the noise: a hole, which persistence
+# model over 200 steps, median over the steps of the noisiest stream (audio0): cpu:fp16 0.015, cpu:bf16 0.13,
+# mlx:cpu:bf16 0.13, mlx:q8 0.05, mlx:q4 0.82 (its largest step: 1.99, where +8 is only 4x the noise: a hole, which persistence
 # tolerates). Planted here as Gaussian drift of that size on every stream.
 
 
