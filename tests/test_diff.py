@@ -247,9 +247,12 @@ def test_native_traces_compare_logits_only_through_their_first_token_divergence(
     back = DiffResult.from_dict(json.loads(json.dumps(r.to_dict())))
     assert back.to_dict() == r.to_dict() and back.exit_code == 0
     same = write_trace(tmp_path / "c", other, tokens=tokens_b, margins=np.ones((6, 3)), meta=meta(ident))
-    r = diff(a, same)
-    assert r.shared_sampler is True and not r.expected and r.exit_code == 1
+    r = diff(a, same)  # one sampler, drift within tolerance flipped it: expected, as compare says
+    assert r.shared_sampler is True and r.expected and r.exit_code == 0
     assert "share one sampler" in r.explanation
+    equal = write_trace(tmp_path / "d", logits, tokens=tokens_b, margins=np.ones((6, 3)), meta=meta(ident))
+    r = diff(a, equal)  # one sampler declared, bitwise-equal logits, other tokens: the declaration did not hold
+    assert r.max_abs == 0.0 and r.declared_identity_broken and not r.expected and r.exit_code == 1
 
 
 def test_recorded_inputs_replace_the_prompt_digest(tmp_path):

@@ -305,7 +305,8 @@ def build_report(req: CompareRequest, model: ModelRef, prompt, labels: list[str]
         other = runs[label]
         versus = None
         if label in distances:
-            versus = arbiter_comparison(arbiter["spec"], ref.label, distances[ref.label], label, distances[label])
+            versus = arbiter_comparison(arbiter["spec"], ref.label, distances[ref.label], label, distances[label],
+                                        reference_spec=str(parse_spec(ref.label.split("#")[0])))
             comparisons.append(versus)
         v, records = diagnose(ref, other, tolerance(ref.tier, other.tier), window, versus)
         verdicts.append(v)

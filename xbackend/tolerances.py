@@ -28,12 +28,41 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
 from .errors import XBackendError
 from .spec import tier_name
 
 TOLERANCES: dict[str, float] = {"fp64": 1e-5, "fp32": 1e-3, "fp16": 0.25, "bf16": 1.0, "q8": 2.0, "q4": 8.0}
 CHECK_TOLERANCES: dict[str, float] = {"fp64": 4e-6, "fp32": 1e-5, "fp16": 4e-3, "bf16": 1.6e-2, "q8": 5e-2,
                                       "q4": 2e-1}
+
+# The semantic threshold (docs/design.md, What the sampler sees): a decision's sampler-visible
+# |Δlogit| is over it when the tier's numerics cannot give it, broad or concentrated:
+GROSS = 2.0  # broad: visible > GROSS x tolerance (healthy: visible <= max|Δlogit| <= tolerance)
+CONCENTRATED = 8.0  # concentrated: the most changed token > CONCENTRATED x the step's robust noise ...
+CONCENTRATED_SHARE = 0.25  # ... with visible > this share of the tolerance. Healthy pairs of the bundled model, 200
+#   steps: where visible > tolerance / 4, the most changed token is at most 4.1x the noise (mlx:q4; cpu:bf16 3.8,
+#   mlx:cpu:bf16 2.8, cpu:fp16 1.8, mlx:q8 never there); ungated, 8.7x once (mlx:cpu:bf16, one text token near 8.6 moved two
+#   bf16 ulps, visible 0.08 of its tolerance of 1). docs/design.md, What the sampler sees, has the table.
+NOISE_FLOOR = 0.01  # the step noise is floored at this share of the tolerance (fp32 rows whose Δ is mostly 0)
+
+
+def over_threshold(visible: np.ndarray, deviation: np.ndarray, noise: np.ndarray, tol: float,
+                   run_to_run: float | None = None) -> np.ndarray:
+    """Decisions whose sampler-visible distance the tier's numerics cannot explain (NaN counts as over).
+
+    `tol` is the tier's tolerance, `run_to_run` the largest drift between repeats of either backend:
+    over when the sampler-visible |Δlogit| is broad (beyond GROSS x the larger of the two), or
+    concentrated: the most changed token's deviation beyond CONCENTRATED x the step's own noise,
+    with the visible |Δlogit| beyond CONCENTRATED_SHARE x the tolerance and GROSS x the run-to-run
+    drift (which kernels may put on any token)."""
+    visible = np.where(np.isnan(visible), np.inf, visible)
+    deviation = np.where(np.isnan(deviation), np.inf, deviation)
+    rr = run_to_run or 0.0
+    return (visible > GROSS * max(tol, rr)) | (
+        (deviation > CONCENTRATED * np.maximum(noise, NOISE_FLOOR * tol))
+        & (visible > max(CONCENTRATED_SHARE * tol, GROSS * rr)))
 
 
 def tier_of(trace) -> str:

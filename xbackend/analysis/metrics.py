@@ -536,3 +536,100 @@ def drift_explains(max_abs: float, margin_a: float, margin_b: float) -> bool | N
     if not margins or max_abs is None or math.isnan(max_abs):
         return None
     return bool(2.0 * max_abs >= min(margins))
+
+
+# --------------------------------------------------------------------------- what a sampler sees
+
+VISIBLE_P_MIN = 1e-6  # a kept token below this probability in both distributions is never drawn in practice
+
+
+@dataclass(frozen=True, eq=False)
+class Visible:
+    """Per step and stream (`[steps, streams]` float64, `topk_changed`/`top1_changed` bool): how far apart
+    the distributions a top-k/temperature sampler draws from are (docs/design.md, Verdict rules).
+
+    - `visible`: the sampler-visible |Δlogit|: half the range of Δ = B − A (logit units) over the seen
+      tokens (the union of both top-k sets, or both argmaxes for greedy, less tokens of probability
+      < `VISIBLE_P_MIN` in both), i.e. max abs(Δ − c) for the best shift c, so at most max|Δlogit|. A
+      uniform shift (log-softmax instead of logits) and any change of the tail below top-k give 0:
+      softmax and top-k cannot see them.
+    - `deviation`: max over the seen tokens of abs(Δ_i − median Δ): how far the most changed token
+      stands out.
+    - `noise`: 1.4826 × the median absolute deviation of Δ over the whole vocabulary, the row's own
+      robust drift level (a change of a few tokens leaves it where the numerics put it).
+    - `tv`: total variation distance of the two truncated tempered distributions (greedy: 0 or 1).
+    """
+
+    streams: tuple[str, ...]
+    visible: np.ndarray
+    deviation: np.ndarray
+    noise: np.ndarray
+    tv: np.ndarray
+    topk_changed: np.ndarray
+    top1_changed: np.ndarray
+
+
+def _kept(x: np.ndarray, k: int) -> np.ndarray:
+    """Row-wise top-k membership, ties at the k-th value inside (as the samplers count them)."""
+    n, v = x.shape
+    if k >= v:
+        return np.ones(x.shape, dtype=bool)
+    kth = np.partition(x, v - k, axis=1)[:, v - k]
+    return x >= kth[:, None]
+
+
+def _truncated(x: np.ndarray, kept: np.ndarray, inv_t: float) -> np.ndarray:
+    z = np.where(kept, x * inv_t, -np.inf)
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def visible_rows(a: np.ndarray, b: np.ndarray, temp: float, top_k: int) -> tuple[np.ndarray, ...]:
+    """(visible, deviation, noise, tv, topk_changed, top1_changed) of `[n, vocab]` rows of A and B (see `Visible`)."""
+    with np.errstate(all="ignore"):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        n, v = a.shape
+        rows = np.arange(n)
+        ia, ib = a.argmax(axis=1), b.argmax(axis=1)
+        if temp <= 0:  # greedy: only the top-1 is seen
+            ka = np.zeros(a.shape, dtype=bool)
+            ka[rows, ia] = True
+            kb = np.zeros(b.shape, dtype=bool)
+            kb[rows, ib] = True
+            seen = ka | kb
+            tv = (ia != ib).astype(np.float64)
+        else:
+            k = effective_top_k(top_k, v)
+            ka, kb = _kept(a, k), _kept(b, k)
+            pa, pb = _truncated(a, ka, 1.0 / temp), _truncated(b, kb, 1.0 / temp)
+            tv = 0.5 * np.abs(pa - pb).sum(axis=1)
+            seen = (ka | kb) & (np.maximum(pa, pb) >= VISIBLE_P_MIN)
+            seen[rows, ia] = seen[rows, ib] = True
+        d = b - a
+        masked = np.where(seen, d, np.nan)
+        centre = np.nanmedian(masked, axis=1)
+        visible = (np.nanmax(masked, axis=1) - np.nanmin(masked, axis=1)) / 2
+        deviation = np.nanmax(np.abs(masked - centre[:, None]), axis=1)
+        noise = 1.4826 * np.median(np.abs(d - np.median(d, axis=1, keepdims=True)), axis=1)
+        bad = ~np.isfinite(d).all(axis=1)
+        visible[bad], deviation[bad], noise[bad], tv[bad] = np.inf, np.inf, np.inf, 1.0
+        return visible + 0.0, deviation + 0.0, noise + 0.0, tv, (ka != kb).any(axis=1), ia != ib
+
+
+def visible_metrics(a: Trace, b: Trace, *, steps: int | None = None) -> Visible:
+    """`Visible` of B against the reference A over their first `steps` steps, at A's recorded sampling settings."""
+    _check_shapes(a, b)
+    n = min(a.steps, b.steps) if steps is None else max(0, min(int(steps), a.steps, b.steps))
+    settings = SamplingSettings.from_meta(a.meta)
+    out = [np.zeros((n, len(a.streams))) for _ in range(4)] + [np.zeros((n, len(a.streams)), dtype=bool)
+                                                                for _ in range(2)]
+    if n:
+        for col, stream in enumerate(a.streams):
+            temp, top_k = settings.for_stream(col)
+            va, vb = a.logits(stream)[:n], b.logits(stream)[:n]
+            chunk = max(1, _CHUNK_ELEMENTS // max(va.shape[1], 1))
+            for r0 in range(0, n, chunk):
+                for arr, value in zip(out, visible_rows(va[r0:r0 + chunk], vb[r0:r0 + chunk], temp, top_k)):
+                    arr[r0:r0 + chunk, col] = value
+    return Visible(tuple(a.streams), *out)

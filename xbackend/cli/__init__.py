@@ -311,9 +311,9 @@ def print_verdicts(report) -> None:
         table.add_column(col, no_wrap=col in ("backend", "verdict"))
     for v in report.verdicts:
         f = v.figures
-        drift = f"{f['forced_max_abs']:.2g} / {f['tolerance']:g}" if "forced_max_abs" in f else "-"
+        drift = f"{f['forced_max_abs']:.2g} / {f['tolerance']:g}" if f.get("forced_max_abs") is not None else "-"
         a = f.get("arbiter")
-        arb = "-" if not a else f"{a['backend_median']:.2g} vs {a['reference_median']:.2g}"
+        arb = "-" if not a else "refused" if a.get("refused") else f"{a['backend_median']:.2g} vs {a['reference_median']:.2g}"
         label = "[green]expected[/green]" if v.expected else "[red]needs attention[/red]"
         table.add_row(v.backend, f"{v.verdict}\n{label}", where(v.first_divergence, short=True), drift,
                       f"{where(f.get('portable_divergence'), short=True)} / {where(f.get('native_divergence'), short=True)}",

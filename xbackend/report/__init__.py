@@ -52,14 +52,17 @@ def evidence_kind(v: Verdict) -> str:
     """The run whose traces show this verdict's divergence."""
     if v.verdict == "NUMERIC_DIVERGENCE":
         return {"native": NATIVE_0, "spike": FORCED}.get(v.figures.get("numeric_cause"), PORTABLE)
-    return FORCED if v.verdict == "SEMANTIC_MISMATCH" else NATIVE_0
+    if v.verdict == "SEMANTIC_MISMATCH":
+        return NATIVE_0 if v.figures.get("onset_source") == "native" else FORCED
+    return NATIVE_0
 
 
 def quoted_points(v: Verdict) -> list[tuple[Point, str]]:
     """Every (step, stream) the report quotes for a verdict, with the run that shows it."""
     f = v.figures
     out = [(v.first_divergence, evidence_kind(v))] if v.first_divergence else []
-    for key, kind in (("portable_divergence", PORTABLE), ("native_divergence", NATIVE_0), ("onset", FORCED)):
+    onset_run = NATIVE_0 if f.get("onset_source") == "native" else FORCED
+    for key, kind in (("portable_divergence", PORTABLE), ("native_divergence", NATIVE_0), ("onset", onset_run)):
         if f.get(key):
             out.append((Point.from_dict(f[key]), kind))
     out += [(Point(s["step"], s["stream"]), FORCED) for s in f.get("spikes") or []]
