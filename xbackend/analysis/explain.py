@@ -8,7 +8,7 @@ nothing unmeasured printed as a number ("not measured: one run").
 from __future__ import annotations
 
 from ..advisories import sentence
-from ..results import NOT_MEASURED, SEMANTIC_FACTOR, Point, Verdict, times, where
+from ..results import NOT_MEASURED, Point, Verdict, times, where
 from ..samplers import describe_identity
 from ..tolerances import NOISE_FLOOR
 
