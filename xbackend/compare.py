@@ -19,6 +19,7 @@ from .backends import create_backend, load_plugin, require_available
 from .capture.run import CaptureRequest, check_request, trace_bytes
 from .analysis.diagnose import BackendRuns, arbiter_comparison, arbiter_distance, diagnose, repeatability
 from .store import validate
+from .analysis.context import context_crossed
 from .errors import BackendFailed, XBackendError
 from .codecs import describe_codec
 from .capture.models import ModelRef, resolve_model, tiny_codec
@@ -58,6 +59,7 @@ class CompareRequest:
     arbiter: str = ARBITER_AUTO  # auto: cpu:fp64 when the model fits in memory; none: off; or a spec
     sampler: str | None = None  # compare: the comparable free runs' (portable | candle); repeat: the runs' (native)
     prompt_frames: int | None = None  # a codes prompt's own frames (see CaptureRequest)
+    compile: str = "auto"  # every run's --compile (auto | on | off), the arbiter's too
 
 
 FREE_RUN_SAMPLERS = ("portable", "candle")
@@ -178,7 +180,7 @@ def _check(req: CompareRequest, repeats: tuple[str, int] = ("--repeats", 1)) -> 
         load_plugin(plugin)
     base = CaptureRequest(backend="", model=req.model, model_config=req.model_config, seed=req.seed,
                           steps=req.steps, alignment=req.alignment, settings=req.settings,
-                          prompt_frames=req.prompt_frames)
+                          prompt_frames=req.prompt_frames, compile=req.compile)
     check_request(base)
     return base
 
@@ -338,14 +340,17 @@ def build_report(req: CompareRequest, model: ModelRef, prompt, labels: list[str]
                "model_digest": model.digest, "prompt": prompt.describe(), "seed": req.seed, "steps": req.steps,
                "repeats": req.repeats, "timeout": req.timeout, "alignment": req.alignment,
                "sampler": req.sampler or "portable",
-               "settings": req.settings.to_dict(), "plugins": list(req.plugins), "arbiter": req.arbiter}
+               "settings": req.settings.to_dict(), "plugins": list(req.plugins), "arbiter": req.arbiter,
+               "compile": req.compile}
+    ran = [t.steps for r in runs.values() for t in [*r.native, r.portable, r.forced] if t is not None]
     report = CompareReport(
         request=request, reference=labels[0], backends=tuple(backends), verdicts=tuple(verdicts),
         repeatability=tuple(repeat), drift=tuple(drift), not_diagnosed=tuple(not_diagnosed),
         failures=tuple(f for r in runs.values() for f in r.failures),
         traces={label: str(Path(TRACES) / safe_name(label)) for label in labels}, arbiter=arbiter,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join(shlex.quote(a) for a in ["xbackend", *sys.argv[1:]]) if sys.argv else None)
+        command=" ".join(shlex.quote(a) for a in ["xbackend", *sys.argv[1:]]) if sys.argv else None,
+        context=context_crossed(model.config, min(ran, default=0)).to_dict())
     return replace(report, verdicts=tuple(with_known_issues(v, report.known_issues(v)) for v in report.verdicts))
 
 

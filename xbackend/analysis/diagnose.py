@@ -32,6 +32,8 @@ from .explain import explain
 from ..results import SEMANTIC_FACTOR, VERDICTS, Finding, Point, Repeatability, Verdict, times
 from ..samplers import shares_sampler
 from ..store.trace import Trace
+from .context import context_length
+from .knobs import compile_difference
 
 PERSISTENCE = 0.5  # an onset persists when the next step and at least this share of the steps from it stay over
 
@@ -199,6 +201,7 @@ def diagnose(ref: BackendRuns, other: BackendRuns, tolerance: float, window: int
         figures["max_at"] = Point(int(s), streams[int(c)]).to_dict()
     on = persistent_onset(fd, streams, SEMANTIC_FACTOR * max(tolerance, rr or 0.0))
     figures["semantic_threshold"] = on.threshold
+    figures["context"] = context_length(ref.native[0].meta)  # an onset exactly there is the attention window
     if on.onset is not None:
         holds["SEMANTIC_MISMATCH"] = on.onset
         figures.update(onset=on.onset.to_dict(), onset_max_abs=on.onset_max, onset_share_over=on.share_over,
@@ -215,6 +218,9 @@ def diagnose(ref: BackendRuns, other: BackendRuns, tolerance: float, window: int
     p = first_token_divergence(ref.portable, other.portable)
     ids = [t.meta.get("sampler", {}).get("identity") for t in (ref.native[0], other.native[0])]
     shared = shares_sampler(*ids)
+    knob = compile_difference(ref.native[0].meta, other.native[0].meta)
+    if knob is not None:
+        figures["compile"] = knob
     figures.update(native_divergence=None if n is None else n.to_dict(),
                    portable_divergence=None if p is None else p.to_dict(),
                    shared_sampler=shared, reference_sampler=ids[0], backend_sampler=ids[1])

@@ -46,7 +46,9 @@ def explain(v: Verdict) -> str:
     if extra and v.verdict not in ("BACKEND_FAILED",):
         text += f" Also: the teacher-forced drift is {extra[0].note} (first at {extra[0].at}): it needs attention too."
     arb = arbiter_sentence(v) if v.verdict != "BACKEND_FAILED" else ""
-    return text + (" " + arb if arb else "") + sentence(v.figures.get("known_issues") or [])
+    knob = (v.figures.get("compile") or {}).get("note") if v.verdict != "BACKEND_FAILED" else None
+    return (text + (" " + arb if arb else "") + sentence(v.figures.get("known_issues") or [])
+            + (f" Note: {knob}." if knob else ""))
 
 
 def _main(v: Verdict) -> str:
@@ -61,7 +63,11 @@ def _main(v: Verdict) -> str:
     if name == "SEMANTIC_MISMATCH":
         onset = Point.from_dict(f["onset"])
         before = f.get("onset_before")
-        if onset.step < f.get("window", 0):
+        if onset.step == f.get("context"):
+            cause = (f"from step {onset.step} on, exactly the model's context length ({f['context']}): the first step "
+                     "whose attention drops the oldest key. An attention window or KV-cache bug (a window one key "
+                     "too wide or too narrow, a ring cache that wraps wrongly), not kernels.")
+        elif onset.step < f.get("window", 0):
             cause = ("from the first steps: the two runs differ in weights, config, delays or input alignment. "
                      "Check the model digests and the alignment recorded in both traces.")
         else:

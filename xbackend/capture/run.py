@@ -37,6 +37,7 @@ class CaptureRequest:
     settings: SamplingSettings = field(default_factory=SamplingSettings)
     run_index: int = 0
     prompt_frames: int | None = None  # a codes prompt's own frames; those past it are an audio prompt's fill
+    compile: str = "auto"  # auto | on | off (env.COMPILE_CHOICES); recorded in `effective`
 
 
 def forced_plan(source: str, model: ModelRef, steps: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -103,6 +104,7 @@ def check_request(req: CaptureRequest) -> None:
     validate.integer("run_index", req.run_index, 0, 2**31)
     if req.prompt_frames is not None:
         validate.integer("--prompt-frames", req.prompt_frames, 1, 2**31)
+    validate.compile_choice(req.compile)
     parse_mode(req.sampler)
 
 
@@ -180,6 +182,7 @@ def run_loaded(session: LoadedBackend, req: CaptureRequest, out: str | Path,
         prompt = load_prompt(req.prompt, model, req.steps, req.prompt_frames)
     job = Job(model, prompt.codes, req.steps, req.seed, sampler, req.alignment, req.run_index)
     backend.host_decisions = sampler.host_only
+    backend.compile_choice = req.compile
     reused = session.loaded
     meta = {
         "backend": backend.label, "library": backend.library, "spec": dataclasses.asdict(backend.spec),
