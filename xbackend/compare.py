@@ -97,8 +97,9 @@ def _arbiter_run(label: str, spec: str, base: CaptureRequest, out: Path, repeats
     return {"name": f"{label}/{ARBITER}", "out": str(d / ARBITER), "request": request_to_json(req)}
 
 
-def collect(label: str, tier: str, outcomes: list[RunOutcome]) -> BackendRuns:
-    traces = {o.name.split("/", 1)[1]: load_partial(Path(o.out)) for o in outcomes}
+def collect(label: str, tier: str, outcomes: list[RunOutcome],
+            load: Callable[[Path], Trace | None] = load_partial) -> BackendRuns:
+    traces = {o.name.split("/", 1)[1]: load(Path(o.out)) for o in outcomes}
     failures = []
     for o in outcomes:
         if o.status != "ok":
@@ -157,7 +158,8 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
     for spec in specs:
         create_backend(spec)  # a spec no backend takes (cpu:gpu, mlx:fp64) is bad input, found before --out is touched
     labels = unique_labels([str(s) for s in specs])
-    prepared = {labels[0]: prepare_worker(str(specs[0]))}  # imports its libraries while the prompt is encoded
+    # the first worker imports its libraries and loads the model while the prompt is encoded
+    prepared = {labels[0]: prepare_worker(str(specs[0]), (req.model, req.model_config))}
     try:
         model, prompt = _resolve(req, out)
         runs_per_backend = req.repeats + 2  # native repeats, portable, forced
@@ -223,8 +225,9 @@ def _run_backends(req: CompareRequest, out: Path, model: ModelRef, prompt, base:
     runs: dict[str, BackendRuns] = {}
     job_dir = out / JOBS
     job_dir.mkdir(exist_ok=True)
-    audio = AudioDecoder(model, out, req.codec) if req.decode_audio else None
-    events = audio.watch(on_event) if audio else on_event
+    reader = TraceReader(out)
+    audio = AudioDecoder(model, out, req.codec, reader.load) if req.decode_audio else None
+    events = reader.watch(audio.watch(on_event) if audio else on_event)
     workers_s = 0.0
     forced_from = None  # the reference's first native run, once it completed
     arbiter = {"spec": arbiter_spec, "status": "off" if arbiter_spec is None else "not run", "error": arbiter_off,
@@ -255,12 +258,12 @@ def _run_backends(req: CompareRequest, out: Path, model: ModelRef, prompt, base:
                               prepared=prepared.pop(label, None))
         workers_s += time.perf_counter() - began
         judged = [o for o in outcomes if not o.name.endswith("/" + ARBITER)]
-        runs[label] = collect(label, spec.tier, judged)
+        runs[label] = collect(label, spec.tier, judged, reader.load)
         if label == labels[0] and runs[label].status == "ok":
             forced_from = runs[label].native[0].path
             done = next((o for o in outcomes if o.name.endswith("/" + ARBITER)), None)
             if done is not None:
-                arbiter_trace = load_partial(Path(done.out)) if done.status == "ok" else None
+                arbiter_trace = reader.load(Path(done.out)) if done.status == "ok" else None
                 arbiter.update(status="ok" if arbiter_trace is not None else "failed",
                                error=None if done.status == "ok" else done.error,
                                trace=str(Path(done.out).relative_to(out)))
@@ -268,6 +271,7 @@ def _run_backends(req: CompareRequest, out: Path, model: ModelRef, prompt, base:
             entry.update(status="failed", error=runs[label].error)
         trace = (runs[label].native or [None])[0]
         entry["env"] = trace.meta.get("env") if trace is not None else None
+    reader.pool.shutdown(wait=False)  # every trace it read is in `runs` by now
     report = build_report(req, model, prompt, labels, backends, runs, arbiter, arbiter_trace)
     report = replace(report, words=run_words({label: named_runs(r) for label, r in runs.items()}, labels[0]),
                      timing=timing(runs, time.perf_counter() - started, arbiter_trace, workers_s))
@@ -369,14 +373,44 @@ def check_decoder(spec: str, model: ModelRef) -> None:
     codec.check(ref, check_codebooks(ref, model.dep_q))
 
 
+class TraceReader:
+    """Each run's trace read and its digests verified in a thread of its own as soon as its worker says
+    it is done, so the parent's verification overlaps the runs that follow instead of following the last.
+    A trace is read once; `load` waits for it (or reads one that was never announced)."""
+
+    def __init__(self, out: Path):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.out = out
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="xbackend-verify")
+        self.jobs: dict = {}
+
+    def watch(self, on_event: EventFn | None) -> EventFn:
+        def handler(event: dict) -> None:
+            name = str(event.get("name", ""))
+            if event.get("event") == "done" and "/" in name:
+                label, run = name.rsplit("/", 1)
+                path = backend_dir(self.out, label) / run
+                self.jobs.setdefault(path, self.pool.submit(load_partial, path))
+            if on_event:
+                on_event(event)
+        return handler
+
+    def load(self, path: Path) -> Trace | None:
+        path = Path(path)
+        job = self.jobs.get(path)
+        return job.result() if job is not None else load_partial(path)
+
+
 class AudioDecoder:
     """Each backend's first native run decoded to WAV by a codec (spec), in a thread of its own
     as soon as that run is written, so decoding overlaps the runs that follow instead of the end."""
 
-    def __init__(self, model: ModelRef, out: Path, codec: str):
+    def __init__(self, model: ModelRef, out: Path, codec: str,
+                 load: Callable[[Path], Trace | None] = load_partial):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.model, self.out, self.codec = model, out, codec
+        self.model, self.out, self.codec, self.load = model, out, codec, load
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="xbackend-audio")
         self.jobs: dict = {}
 
@@ -395,7 +429,7 @@ class AudioDecoder:
         from .codecs import audio
         from .store.rundir import AUDIO
 
-        trace = load_partial(path)
+        trace = self.load(path)
         if trace is None or trace.steps <= max(self.model.delays) or not self.model.dep_q:
             return None
         wav = self.out / AUDIO / f"{safe_name(label)}.wav"
