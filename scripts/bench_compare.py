@@ -98,7 +98,7 @@ def plain_upstream(directory: Path, device: str, dtype: str, steps: int, seed: i
     from moshi.models.loaders import get_moshi_lm
 
     from xbackend.backends.torch_backend import DTYPES
-    from xbackend.models import NON_LM_KEYS
+    from xbackend.capture.models import NON_LM_KEYS
 
     raw = json.loads((directory / "config.json").read_text())
     config = {k: v for k, v in raw.items() if k not in NON_LM_KEYS}

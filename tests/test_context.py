@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from xbackend.compare import CompareRequest, run_compare
-from xbackend.context import context_crossed
+from xbackend.analysis.context import context_crossed
 from xbackend.results import CompareReport
 
 from .helpers import TINY, needs_mlx, needs_tiny
