@@ -296,7 +296,8 @@ def timing(runs: dict[str, BackendRuns], wall: float, arbiter: Trace | None = No
 
     A trace records the seconds its run spent loading the model (0 when it reused the one its
     worker had loaded) and `model_reused`; traces from before load-once lack it, and each loaded.
-    `workers_s` is how long the worker processes ran (their start-up, imports and exit included)."""
+    `workers_s` is how long the worker processes ran (their start-up, imports and exit included); the
+    first worker loads its model before its job arrives, so `worker_overhead_s` can be below 0."""
     traces = [t for r in runs.values() for t in [*r.native, r.portable, r.forced] if t is not None]
     traces += [arbiter] if arbiter is not None else []
     model = sum(t.meta.get("elapsed_s") or 0.0 for t in traces)
