@@ -35,8 +35,11 @@ def cases(xml: str) -> dict[tuple[str, str], ET.Element]:
 @needs_mlx
 def test_committed_baseline_passes(tmp_path):
     proc = run_cli("check", "--baseline", str(BASELINE), "--junit", str(tmp_path / "j.xml"),
-                   "--json-out", str(tmp_path / "r.json"))
+                   "--json-out", str(tmp_path / "r.json"), "--out", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # made before --compile existed, eagerly: checked eagerly, whatever NO_TORCH_COMPILE says
+    meta = json.loads((tmp_path / "run" / "traces" / "cpu" / "native-0" / "meta.json").read_text())
+    assert meta["effective"]["compile"] == "off" and meta["effective"]["torch_compiled"] == []
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["schema"] == "xbackend.check/1" and result["passed"] and result["counts"]["fail"] == 0
     xml = (tmp_path / "j.xml").read_text()

@@ -12,7 +12,7 @@ from xbackend.compare import CompareRequest, run_compare
 from xbackend.analysis.context import context_crossed
 from xbackend.results import CompareReport
 
-from .helpers import TINY, needs_mlx, needs_tiny
+from .helpers import TINY, needs_mlx, needs_tiny, run_cli
 
 pytestmark = needs_tiny
 
@@ -68,3 +68,8 @@ def test_a_short_compare_says_the_context_was_not_reached(tmp_path):
                                         compile="off"), tmp_path / "run")
     assert report.context["crossed"] is False and report.context["length"] == 3000
     assert report.context["note"] == "context 3000 not reached: cache-wrap bugs are not covered; --steps 3050"
+    proc = run_cli("report", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "- Context: context 3000 not reached: cache-wrap bugs are not covered; --steps 3050." in md
+    assert "--compile off" in md  # the reproduce command runs it as it ran

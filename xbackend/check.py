@@ -427,7 +427,8 @@ def run_check(baseline_dir: str | Path, *, model: str | None = None, seed: int |
     if run is None or model is not None or seed is not None or steps is not None:
         req = request_from_baseline(baseline, base_dir, model=model, seed=seed, steps=steps, plugins=plugins,
                                     timeout=timeout)
-        req = replace(req, compile=validate.compile_choice(compile_choice or baseline.get("compile") or "auto"))
+        # a baseline made before --compile existed ran eagerly (xbackend's default then): check it so
+        req = replace(req, compile=validate.compile_choice(compile_choice or baseline.get("compile") or "off"))
     if out is not None:
         _refuse_overlap(base_dir, Path(out))
     with kept_on_failure("xbackend-check-") as tmp:

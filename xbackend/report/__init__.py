@@ -457,6 +457,8 @@ def reproduce_command(report) -> str:
             args += [flag, str(getattr(s, key))]
     if req.get("arbiter") not in (None, "auto"):
         args += ["--arbiter", req["arbiter"]]
+    if req.get("compile") not in (None, "auto"):
+        args += ["--compile", req["compile"]]
     for p in req.get("plugins") or []:
         args += ["--plugin", p]
     return " ".join(shlex.quote(a) for a in args)
@@ -501,6 +503,8 @@ def _verdict_section(report) -> list[str]:
         if b["status"] != "ok":
             out += [f"- **{b['name']}: {b['status']}** - {b.get('error')}"]
     out += [f"- **{v.backend}** ({v.verdict}, {v.label}): {v.explanation}" for v in report.verdicts]
+    if report.context and report.context.get("note"):
+        out += [f"- Context: {report.context['note']}."]
     return out + [""]
 
 

@@ -232,7 +232,7 @@ def report_json(source: str, report) -> dict:
         s.text(f"request.backends[{i}]", b, none=False)
     for key in ("model", "alignment"):
         s.text(f"request.{key}", req.get(key), none=False)
-    for key in ("model_digest", "model_config"):
+    for key in ("model_digest", "model_config", "compile"):
         s.text(f"request.{key}", req.get(key))
     for key in ("seed", "steps", "repeats"):
         s.int(f"request.{key}", req.get(key), none=False)
