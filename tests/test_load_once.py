@@ -130,8 +130,8 @@ def test_compare_cli_prints_words_and_loads(tmp_path):
 def test_the_first_worker_loads_its_model_before_its_job_arrives(tmp_path):
     """compare's first worker loads while the parent encodes the prompt: the weights may be gone by the time
     the job arrives, the runs still use them, and the first trace records the load (the second reuses it)."""
-    from xbackend import worker
-    from xbackend.worker import request_to_json
+    from xbackend.capture import worker
+    from xbackend.capture.worker import request_to_json
 
     model = tmp_path / "model"
     shutil.copytree(ROOT / "reference" / "models" / "tiny", model)
@@ -154,7 +154,7 @@ def test_a_preload_that_fails_is_recorded_by_the_first_run(tmp_path):
     import dataclasses
 
     from xbackend.errors import BackendFailed
-    from xbackend.models import resolve_model
+    from xbackend.capture.models import resolve_model
 
     session = open_backend("cpu", "tiny")
     session.model = dataclasses.replace(resolve_model("tiny"), weights=tmp_path / "gone.safetensors")
