@@ -159,7 +159,9 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
         create_backend(spec)  # a spec no backend takes (cpu:gpu, mlx:fp64) is bad input, found before --out is touched
     labels = unique_labels([str(s) for s in specs])
     # the first worker imports its libraries and loads the model while the prompt is encoded
-    prepared = {labels[0]: prepare_worker(str(specs[0]), (req.model, req.model_config))}
+    # (not with plugins: one may replace the very spec, and the worker loads them only with its job)
+    preload = None if req.plugins else (req.model, req.model_config)
+    prepared = {labels[0]: prepare_worker(str(specs[0]), preload)}
     try:
         model, prompt = _resolve(req, out)
         runs_per_backend = req.repeats + 2  # native repeats, portable, forced

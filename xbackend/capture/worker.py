@@ -64,7 +64,8 @@ def worker_main(job_file: str, sessions: dict | None = None) -> int:
         first = job["runs"][0]["name"] if job["runs"] else "?"
         emit(event="failed", name=first, error=str(exc), exit_code=exc.exit_code)
         return exc.exit_code
-    sessions = dict(sessions or {})
+    # a plugin may replace the very backend a prepared worker preloaded: then nothing preloaded is used
+    sessions = {} if job.get("plugins") else dict(sessions or {})
     for index, run in enumerate(job["runs"]):
         emit(event="start", name=run["name"])
         last = [0.0]
