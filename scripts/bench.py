@@ -13,8 +13,9 @@ For one model on one device it times, per step and with warm-up steps left out:
 then trace write throughput (TraceWriter alone, MB/s) and `diff` throughput (metrics.step_metrics
 over two synthetic traces with a Moshi-7B vocabulary, beside a raw read of the same files).
 
-torch.compile: xbackend runs moshi eagerly by default (XBACKEND_TORCH_COMPILE unset), so `plain`
-runs eagerly too, like with like; --compile turns moshi's lazy torch.compile on for both.
+torch.compile: --compile auto (the default, as xbackend's own) keeps moshi's lazy torch.compile as
+moshi ships it (unless NO_TORCH_COMPILE is set), for `plain` and the captures alike; --compile off runs
+both eagerly. The knobs that really took effect (what compiled, CUDA graphs) are read after the runs.
 
     python scripts/bench.py --model tiny --device cpu
     python scripts/bench.py --model 7b-random --device cuda --dtype bf16 --json bench.json
@@ -89,8 +90,7 @@ def load(args):
         codes = rng.integers(0, int(model.config["card"]), size=(model.n_user, args.steps)).astype(np.int64)
     else:
         raise SystemExit(f"error: unknown model {args.model!r}: use tiny or 7b-random")
-    if backend.library == "torch":
-        backend.compile = args.compile
+    backend.compile_choice = args.compile
     return backend, model, codes
 
 
@@ -128,7 +128,7 @@ def plain_torch(backend, model, codes, args, read_back: bool, pinned: bool = Fal
     if pinned and cuda:
         frames = frames.pin_memory()
     marks = []
-    with (contextlib.nullcontext() if args.compile else no_compile()), gen.streaming(1), torch.no_grad():
+    with (contextlib.nullcontext() if backend.compile else no_compile()), gen.streaming(1), torch.no_grad():
         for t in range(args.steps):
             if pinned:
                 x = frames[t].to(backend.device, non_blocking=True).view(1, n_user, 1)
@@ -171,7 +171,7 @@ def plain_tokens(backend, model, codes, args) -> np.ndarray:
                 on_audio_hook=lambda a: audio.append(a.clone()))
     torch.manual_seed(SEED)
     job = Job(model, codes, args.steps, SEED, Sampler("native", SEED))
-    with (contextlib.nullcontext() if args.compile else no_compile()), gen.streaming(1), torch.no_grad():
+    with (contextlib.nullcontext() if backend.compile else no_compile()), gen.streaming(1), torch.no_grad():
         for t in range(args.steps):
             gen.step(torch.tensor(job.frame(t, False), dtype=torch.long, device=backend.device).view(1, model.n_user, 1))
     return torch.cat([torch.stack(text), torch.stack(audio)[:, 0]], dim=1).cpu().numpy()
@@ -223,7 +223,7 @@ def capture_loaded(backend, model, codes, sampler: Sampler, steps: int, out: Pat
     np.save(prompt, codes[:, :max(steps, 1)])
     mode = f"forced:{sampler.forced_from}" if sampler.mode == "forced" else sampler.mode
     req = CaptureRequest(backend=backend.label, sampler=mode, seed=sampler.seed, steps=steps, prompt=str(prompt),
-                         settings=sampler.settings)
+                         settings=sampler.settings, compile=backend.compile_choice)
     marks: list[float] = []
     started = time.perf_counter()
     trace = run_loaded(LoadedBackend(backend, model, loaded=True), req, out,
@@ -310,7 +310,7 @@ def describe(backend, args) -> dict:
     info = {"model": args.model + (f" ({args.layers} layers)" if args.layers else ""), "backend": backend.label,
             "device": backend.device_name(), "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
             "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "torch_compile": args.compile}
+            "compile": args.compile}
     if backend.library == "torch":
         import torch
 
@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=2, help="each variant runs this many times, order rotated; medians reported")
     p.add_argument("--modes", default=",".join(MODES), help="capture sampler modes, comma-separated")
     p.add_argument("--host-modes", default="", help="also time the eager host path in these modes (PyTorch)")
-    p.add_argument("--compile", action="store_true", help="keep moshi's lazy torch.compile (plain and capture alike)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="auto: moshi's lazy torch.compile as it ships (plain and capture alike); off: eager")
     p.add_argument("--write-steps", type=int, default=500, help="steps of the trace-write benchmark (0: skip)")
     p.add_argument("--diff-steps", type=int, default=3750, help="steps of each diff trace, 7B vocab (0: skip)")
     p.add_argument("--work", default=None, help="folder for traces (default: a temporary one)")
@@ -352,8 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
     backend, model, codes = load(args)
     info = describe(backend, args)
     print(f"bench: {info['model']} on {info['backend']} ({info['device']}), {args.steps} steps "
-          f"({args.warmup} warm-up left out), {args.rounds} rounds, torch.compile "
-          f"{'on' if args.compile else 'off'}", flush=True)
+          f"({args.warmup} warm-up left out), {args.rounds} rounds, --compile {args.compile}", flush=True)
     # A first native capture warms everything up (allocator, kernels, handles) and gives the
     # tokens that forced mode replays.
     _, source = capture_loaded(backend, model, codes, Sampler("native", SEED), args.steps, work / "source")
@@ -378,6 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
         times[name] = [timed(name, 0, backend, model, codes, args, forced, work)]
     if backend.library == "torch":
         backend.path_choice = None
+    info["effective"] = backend.effective()  # after the runs: what really compiled is known only now
+
     def median(name: str) -> float:
         values = [v for v in times.get(name, []) if v == v]
         return statistics.median(values) if values else float("nan")
@@ -398,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     library = f"torch {info['torch']}" if "torch" in info else f"mlx {info.get('mlx')}"
     print(f"\n{info['device']} | {info['model']} {backend.spec.tier} | {library} | "
-          f"torch.compile {'on' if args.compile else 'off'} | effective {info.get('effective', {})}")
+          f"--compile {args.compile} | effective after the runs {info.get('effective', {})}")
     print(f"{'variant':<20} {'ms/step':>10} {'vs plain':>9} {'vs pinned':>9}   runs")
     for row in rows:
         vs = [f"{100 * row[k]:+.1f}%" if row[k] == row[k] else "-" for k in ("overhead_vs_plain", "overhead_vs_plain_pinned")]

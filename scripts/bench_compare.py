@@ -7,7 +7,12 @@ subprocess, as a user would, and prints where the time went against the target
 
     wall <= 1.15 x (model steps + one model load per backend)
 
-with the loads, the run directory's size and the trace bytes per step.
+with the loads, the run directory's size and the trace bytes per step. The anchor is measured in the
+same run: plain upstream (`get_moshi_lm`, then `LMGen.step` as moshi ships it: its lazy torch.compile
+unless NO_TORCH_COMPILE is set, CUDA graphs, its own sampler, tokens read back every step) in a process
+of its own, one load and two runs of --steps (the first holds the compile and graph warm-up). Upstream's
+work for the compare is then one load and one first run per backend plus a warm run for every other run,
+and the script prints compare wall / that.
 
     python scripts/bench_compare.py --dir /tmp/xb-7b --backends cuda:bf16,cuda:bf16 --steps 600
     python scripts/bench_compare.py --tiny --backends cpu,mlx:cpu         # the bundled demo, here
@@ -85,6 +90,63 @@ def trace_bytes(run: Path) -> dict:
             "logits_bytes_per_step": logits / steps if steps else None, "logits_dtypes": sorted(map(str, dtypes))}
 
 
+def plain_upstream(directory: Path, device: str, dtype: str, steps: int, seed: int = 0) -> dict:
+    """Upstream's own cost on this checkpoint: one load, then two runs of `steps` (seconds each)."""
+    import numpy as np
+    import torch
+    from moshi.models.lm import LMGen
+    from moshi.models.loaders import get_moshi_lm
+
+    from xbackend.backends.torch_backend import DTYPES
+    from xbackend.capture.models import NON_LM_KEYS
+
+    raw = json.loads((directory / "config.json").read_text())
+    config = {k: v for k, v in raw.items() if k not in NON_LM_KEYS}
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    started = time.perf_counter()
+    lm = get_moshi_lm(directory / raw["moshi_name"], lm_kwargs=config, device=device,
+                      dtype=getattr(torch, DTYPES[dtype]))
+    sync()
+    load_s = time.perf_counter() - started
+    n_user = lm.n_q - lm.dep_q
+    codes = np.random.default_rng(seed).integers(0, lm.card, size=(steps, n_user))
+    runs = []
+    for r in range(2):
+        gen = LMGen(lm, use_sampling=True, temp=0.8, temp_text=0.7, top_k=250, top_k_text=25)
+        torch.manual_seed(seed + r)
+        began = time.perf_counter()
+        with gen.streaming(1), torch.no_grad():
+            for t in range(steps):
+                out = gen.step(torch.tensor(codes[t], dtype=torch.long, device=device).view(1, n_user, 1))
+                if out is not None:
+                    out.cpu()  # the tokens reach the host every step, as moshi's server loop reads them
+        sync()
+        runs.append(time.perf_counter() - began)
+    from xbackend.backends.torch_backend import compiled_by_moshi
+
+    return {"load_s": round(load_s, 3), "first_run_s": round(runs[0], 3), "warm_run_s": round(runs[1], 3),
+            "ms_per_step_warm": round(1000 * runs[1] / steps, 3), "steps": steps,
+            "compiled": compiled_by_moshi(), "no_torch_compile": os.environ.get("NO_TORCH_COMPILE")}
+
+
+def anchor(args, directory: Path) -> dict:
+    """plain_upstream in a subprocess of its own (its GPU memory is gone before the compare starts)."""
+    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+            "from scripts.bench_compare import plain_upstream; "
+            "print(json.dumps(plain_upstream(Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))))")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(directory), args.device, args.dtype,
+                           str(args.steps)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-1500:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def upstream_work(plain: dict, runs: int, backends: int) -> float:
+    """Upstream's seconds for the compare's runs: per backend one load and one first (warm-up) run, warm runs after."""
+    return backends * (plain["load_s"] + plain["first_run_s"]) + max(runs - backends, 0) * plain["warm_run_s"]
+
+
 def run_compare(args, model: str, out: Path) -> dict:
     profile = ["-m", "cProfile", "-o", f"{args.profile}.prof"] if args.profile else []
     cmd = [sys.executable, *profile, "-m", "xbackend", "compare", "--backends", args.backends, "--model", model,
@@ -133,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--extra", default="", help="more compare arguments, e.g. '--arbiter none'")
     p.add_argument("--json", default=None)
     p.add_argument("--profile", default=None, help="profile the compare command (its own process) into this file")
+    p.add_argument("--no-anchor", action="store_true", help="skip plain upstream's anchor")
     args = p.parse_args(argv)
     result: dict = {"args": vars(args)}
     if args.tiny:
@@ -145,6 +208,14 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"checkpoint: {c['parameters'] / 1e9:.2f}B parameters, {c['bytes'] / 1e9:.2f} GB in {c['dir']}, "
                   f"made in {c['made_s']} s", flush=True)
         model = str(directory)
+    if not args.tiny and not args.no_anchor:
+        result["upstream"] = plain = anchor(args, Path(args.dir))
+        if "error" in plain:
+            print(f"plain upstream failed: {plain['error']}", flush=True)
+        else:
+            print(f"plain upstream: load {plain['load_s']} s, first run {plain['first_run_s']} s, warm run "
+                  f"{plain['warm_run_s']} s ({plain['ms_per_step_warm']} ms/step; compiled {plain['compiled']})",
+                  flush=True)
     result["rounds"] = []
     for r in range(args.rounds):
         res = run_compare(args, model, Path(args.out))
@@ -157,6 +228,12 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
         print(f"  wall / (model steps + {res['backends']} x one load) = {res['ratio']} (target <= {TARGET}; "
               f"{res['ratio_in_report']} by the report's own wall clock)", flush=True)
+        plain = result.get("upstream") or {}
+        if "load_s" in plain and t.get("runs"):
+            work = upstream_work(plain, int(t["runs"]), res["backends"])
+            res["upstream_work_s"], res["ratio_to_upstream"] = round(work, 2), round(res["wall_s"] / work, 3)
+            print(f"  wall / plain upstream's work for {t['runs']} runs and {res['backends']} loads "
+                  f"({work:.1f} s, measured in this run) = {res['ratio_to_upstream']} (target <= {TARGET})", flush=True)
         if res["run_dir_bytes"] is not None:
             bps = tr.get("bytes_per_step")
             print(f"  run directory {res['run_dir_bytes'] / 1e6:.1f} MB; traces {tr['steps']} steps, "

@@ -5,6 +5,7 @@ included; and a compare loads each backend's model exactly once."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from xbackend.capture.run import CaptureRequest, open_backend, run_loaded
 from xbackend.compare import CompareRequest, run_compare
 from xbackend.store.trace import load_trace
 
-from .helpers import have, needs_tiny, run_cli
+from .helpers import ROOT, have, needs_tiny, run_cli
 
 STEPS = 24
 SEED = 299792458
@@ -96,8 +97,8 @@ def test_prepared_workers_never_outlive_the_command(tmp_path, monkeypatch):
 
     started = []
 
-    def spy(spec):
-        proc = worker.prepare_worker(spec)
+    def spy(spec, preload=None):
+        proc = worker.prepare_worker(spec, preload)
         started.append((spec, proc))
         return proc
 
@@ -124,3 +125,43 @@ def test_compare_cli_prints_words_and_loads(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     text = report["words"]["runs"][0]["text"]
     assert text and f"  cpu#2 native-1  {text}" in proc.stdout
+
+
+def test_the_first_worker_loads_its_model_before_its_job_arrives(tmp_path):
+    """compare's first worker loads while the parent encodes the prompt: the weights may be gone by the time
+    the job arrives, the runs still use them, and the first trace records the load (the second reuses it)."""
+    from xbackend.capture import worker
+    from xbackend.capture.worker import request_to_json
+
+    model = tmp_path / "model"
+    shutil.copytree(ROOT / "reference" / "models" / "tiny", model)
+    proc = worker.prepare_worker("cpu", (str(model), None))
+    event = json.loads(proc.stdout.readline())
+    assert event["event"] == "preloaded" and event["failed"] is False and event["load_s"] > 0
+    (model / "model.safetensors").unlink()  # loaded already: no run reads the weights again
+    runs = [{"name": f"cpu/native-{i}", "out": str(tmp_path / f"n{i}"),
+             "request": request_to_json(CaptureRequest(backend="cpu", model=str(model), steps=3, run_index=i,
+                                                       compile="off"))} for i in range(2)]
+    outcomes = worker.run_worker({"plugins": [], "runs": runs}, tmp_path / "job.json", 300, prepared=proc)
+    assert [o.status for o in outcomes] == ["ok", "ok"], outcomes
+    metas = [load_trace(tmp_path / f"n{i}").meta for i in range(2)]
+    assert [m["model_reused"] for m in metas] == [False, True]
+    assert metas[0]["load_s"] == pytest.approx(event["load_s"], abs=1e-3) and metas[1]["load_s"] == 0
+
+
+def test_a_preload_that_fails_is_recorded_by_the_first_run(tmp_path):
+    """A load that fails ahead of the job is raised, unchanged, by the first run: its trace records it."""
+    import dataclasses
+
+    from xbackend.errors import BackendFailed
+    from xbackend.capture.models import resolve_model
+
+    session = open_backend("cpu", "tiny")
+    session.model = dataclasses.replace(resolve_model("tiny"), weights=tmp_path / "gone.safetensors")
+    session.preload()
+    assert session.failure is not None and not session.loaded
+    with pytest.raises(BackendFailed, match="crashed at step 0"):
+        run_loaded(session, CaptureRequest(backend="cpu", steps=3, compile="off"), tmp_path / "n0")
+    meta = json.loads((tmp_path / "n0" / "meta.json").read_text())
+    assert meta["status"] == "failed" and "gone.safetensors" in meta["error"]
+    assert session.failure is None  # raised once; a second run tries to load again

@@ -2,7 +2,6 @@
 tensors under MpsRules (no float64/complex128, no op MPS lacks). Dtype discipline and branch logic,
 not Metal numerics; the real-device checks are in test_mps.py (marked mps)."""
 
-import functools
 import warnings
 from pathlib import Path
 
@@ -164,13 +163,33 @@ def test_mps_knobs_and_timing_are_recorded(tmp_path, made, monkeypatch):
     assert m["elapsed_s"] * 1000 == pytest.approx(m["first_step_ms"] + 2 * m["ms_per_step"], abs=1.0)
 
 
-def test_torch_compile_records_what_moshi_really_compiled(tmp_path, made, monkeypatch):
-    """Off CUDA moshi's transformer layers run `no_compile()`: only the output RMSNorm compiles."""
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # no C++ toolchain
-    monkeypatch.setenv("XBACKEND_TORCH_COMPILE", "1")
-    tr = run(tmp_path, "c", backend="mps", steps=2, sampler="greedy")
-    e = tr.meta["effective"]
-    assert e["torch_compile_requested"] is True and e["torch_compiled"] == ["_rms_norm"]
+COMPILED_MPS = """
+import functools, json, sys
+import torch
+torch.compile = functools.partial(torch.compile, backend="eager")  # no C++ toolchain needed
+from xbackend.backends import load_plugin
+from xbackend.capture.run import CaptureRequest, capture
+load_plugin(sys.argv[1])
+tr = capture(CaptureRequest(backend="mps", steps=2, sampler="greedy", compile=sys.argv[3]), sys.argv[2])
+print(json.dumps(tr.meta["effective"]))
+"""
+
+
+@pytest.mark.parametrize("choice", ["auto", "on"])
+def test_torch_compile_records_what_moshi_really_compiled(tmp_path, choice):
+    """Off CUDA moshi's transformer layers run `no_compile()`: `auto` (as moshi ships) compiles the output
+    RMSNorm only. In a process without NO_TORCH_COMPILE (moshi reads it at import; conftest sets it here)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NO_TORCH_COMPILE="")
+    proc = subprocess.run([sys.executable, "-c", COMPILED_MPS, PLUGIN, str(tmp_path / "c"), choice],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    e = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert e["compile"] == choice and e["torch_compile_requested"] is True and e["torch_compiled"] == ["_rms_norm"]
     assert "apply_rope" not in e["torch_compiled"] and "gating_forward_kernel" not in e["torch_compiled"]
 
 

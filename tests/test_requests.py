@@ -48,7 +48,8 @@ FULL_COMPARE = CompareRequest(
     backends=("cpu", "mlx:cpu:bf16"), model="/data/ckpt dir/model.safetensors", model_config="/data/config.json",
     prompt="prompt_codes.npy", seed=7, steps=33, repeats=3, timeout=12.5, alignment="upstream",
     settings=SamplingSettings(temp_text=0.6, top_k_text=11, temp_audio=0.9, top_k_audio=0),
-    plugins=("flip.py", "more/other.py"), codec="mlx:cpu", arbiter="none", sampler="candle", prompt_frames=4)
+    plugins=("flip.py", "more/other.py"), codec="mlx:cpu", arbiter="none", sampler="candle", prompt_frames=4,
+    compile="off")
 
 
 def test_every_compare_field_round_trips_through_the_cli(monkeypatch):
@@ -70,7 +71,7 @@ def test_compare_round_trips_whatever_the_sampler_defaults(req, monkeypatch):
 def test_every_capture_field_round_trips_through_the_cli(monkeypatch):
     req = CaptureRequest(backend="mlx:cpu", model="/m/model.safetensors", model_config="/m/config.json",
                          prompt="codes.npy", seed=3, steps=9, sampler="forced:/runs/a trace", alignment="upstream",
-                         settings=SamplingSettings(0.5, 3, 1.5, 0), prompt_frames=2)
+                         settings=SamplingSettings(0.5, 3, 1.5, 0), prompt_frames=2, compile="on")
     every_field_set(req, CaptureRequest(backend="cpu"), unflagged=("run_index",))
     assert parsed(req.to_argv(), monkeypatch, "xbackend.capture.run", "capture") == req
 

@@ -137,7 +137,7 @@ def _write_baseline(req: CompareRequest, report: CompareReport, traces: dict, ou
         "prompt": {"file": PROMPT_CODES, "digest": r["prompt"]["digest"], "source": r["prompt"]["source"],
                    "frames": r["prompt"]["frames"]},
         "seed": req.seed, "steps": req.steps, "repeats": req.repeats, "alignment": req.alignment,
-        "settings": req.settings.to_dict(), "plugins": [str(p) for p in req.plugins],
+        "settings": req.settings.to_dict(), "plugins": [str(p) for p in req.plugins], "compile": req.compile,
         "expected": {
             "verdicts": [{"backend": v.backend, "vs": v.vs, "verdict": v.verdict,
                           "first_divergence": None if v.first_divergence is None else v.first_divergence.to_dict(),
@@ -359,6 +359,7 @@ class CheckReport:
     checks: tuple[CheckResult, ...]
     elapsed_s: float | None = None  # the whole check's wall time
     advisories: tuple[dict, ...] = ()  # known issues matching the baseline's and the fresh run's fingerprints
+    context: dict | None = None  # did the checked runs cross the model's context (xbackend.analysis.context)
 
     @property
     def passed(self) -> bool:
@@ -381,7 +382,8 @@ class CheckReport:
     def explanation(self) -> str:
         c = self.counts
         return (f"{'PASSED' if self.passed else 'FAILED'}: {c['pass']} passed, {c['fail']} failed, "
-                f"{c['skip']} skipped against {self.baseline}")
+                f"{c['skip']} skipped against {self.baseline}"
+                + (f"; {self.context['note']}" if self.context and self.context.get("note") else ""))
 
     def summary_table(self) -> str:
         """The checks as a GitHub markdown table."""
@@ -393,7 +395,7 @@ class CheckReport:
                 "backends": list(self.backends), "model": self.model, "seed": self.seed, "steps": self.steps,
                 "tolerances": self.tolerances, "passed": self.passed, "exit_code": self.exit_code,
                 "counts": self.counts, "explanation": self.explanation, "checks": [asdict(r) for r in self.checks],
-                "elapsed_s": self.elapsed_s, "advisories": list(self.advisories)}
+                "elapsed_s": self.elapsed_s, "advisories": list(self.advisories), "context": self.context}
 
     @staticmethod
     def from_dict(d: dict) -> CheckReport:
@@ -401,13 +403,13 @@ class CheckReport:
             raise XBackendError(f"check result has schema {d.get('schema')!r}, expected {CHECK_SCHEMA!r}")
         return CheckReport(d["baseline"], d.get("run_dir"), tuple(d["backends"]), d["model"], d["seed"], d["steps"],
                            d["tolerances"], tuple(CheckResult(**c) for c in d["checks"]), d.get("elapsed_s"),
-                           tuple(d.get("advisories") or ()))
+                           tuple(d.get("advisories") or ()), d.get("context"))
 
 
 def run_check(baseline_dir: str | Path, *, model: str | None = None, seed: int | None = None,
               steps: int | None = None, tolerances: dict[str, float] | None = None, plugins: tuple[str, ...] = (),
               timeout: float = 600.0, out: str | Path | None = None, on_event: EventFn | None = None,
-              run: str | Path | None = None, force: bool = False) -> CheckReport:
+              run: str | Path | None = None, force: bool = False, compile_choice: str | None = None) -> CheckReport:
     """Run the baseline's backends again (or read the run recorded in `run`) and hold them to the
     committed traces; returns the result.
 
@@ -425,6 +427,8 @@ def run_check(baseline_dir: str | Path, *, model: str | None = None, seed: int |
     if run is None or model is not None or seed is not None or steps is not None:
         req = request_from_baseline(baseline, base_dir, model=model, seed=seed, steps=steps, plugins=plugins,
                                     timeout=timeout)
+        # a baseline made before --compile existed ran eagerly (xbackend's default then): check it so
+        req = replace(req, compile=validate.compile_choice(compile_choice or baseline.get("compile") or "off"))
     if out is not None:
         _refuse_overlap(base_dir, Path(out))
     with kept_on_failure("xbackend-check-") as tmp:
@@ -446,7 +450,7 @@ def run_check(baseline_dir: str | Path, *, model: str | None = None, seed: int |
     results = [with_known_issues(r, found) for r in results]
     return CheckReport(str(base_dir), str(out) if out is not None else None, tuple(baseline["backends"]),
                        baseline["model"], baseline["seed"], baseline["steps"], table, tuple(results),
-                       round(time.perf_counter() - started, 3), tuple(found))
+                       round(time.perf_counter() - started, 3), tuple(found), report.context)
 
 
 # What each failed check may come from (`advisories.EFFECTS`): logits and the portable tokens they decide,

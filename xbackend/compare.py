@@ -20,6 +20,7 @@ from .capture.run import check_request, trace_bytes
 from .requests import ARBITER_AUTO, ARBITER_NONE, DEFAULT_ARBITER, CaptureRequest, CompareRequest  # noqa: F401 (CompareRequest re-exported)
 from .analysis.diagnose import BackendRuns, arbiter_comparison, arbiter_distance, diagnose, repeatability
 from .store import validate
+from .analysis.context import context_crossed
 from .errors import BackendFailed, XBackendError
 from .codecs import describe_codec
 from .capture.models import ModelRef, resolve_model, tiny_codec
@@ -74,8 +75,9 @@ def _arbiter_run(label: str, spec: str, base: CaptureRequest, out: Path, repeats
     return {"name": f"{label}/{ARBITER}", "out": str(d / ARBITER), "request": request_to_json(req)}
 
 
-def collect(label: str, tier: str, outcomes: list[RunOutcome]) -> BackendRuns:
-    traces = {o.name.split("/", 1)[1]: load_partial(Path(o.out)) for o in outcomes}
+def collect(label: str, tier: str, outcomes: list[RunOutcome],
+            load: Callable[[Path], Trace | None] = load_partial) -> BackendRuns:
+    traces = {o.name.split("/", 1)[1]: load(Path(o.out)) for o in outcomes}
     failures = []
     for o in outcomes:
         if o.status != "ok":
@@ -134,7 +136,10 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
     for spec in specs:
         create_backend(spec)  # a spec no backend takes (cpu:gpu, mlx:fp64) is bad input, found before --out is touched
     labels = unique_labels([str(s) for s in specs])
-    prepared = {labels[0]: prepare_worker(str(specs[0]))}  # imports its libraries while the prompt is encoded
+    # the first worker imports its libraries and loads the model while the prompt is encoded
+    # (not with plugins: one may replace the very spec, and the worker loads them only with its job)
+    preload = None if req.plugins else (req.model, req.model_config)
+    prepared = {labels[0]: prepare_worker(str(specs[0]), preload)}
     try:
         model, prompt = _resolve(req, out)
         runs_per_backend = req.repeats + 2  # native repeats, portable, forced
@@ -157,7 +162,7 @@ def _check(req: CompareRequest, repeats: tuple[str, int] = ("--repeats", 1)) -> 
         load_plugin(plugin)
     base = CaptureRequest(backend="", model=req.model, model_config=req.model_config, seed=req.seed,
                           steps=req.steps, alignment=req.alignment, settings=req.settings,
-                          prompt_frames=req.prompt_frames)
+                          prompt_frames=req.prompt_frames, compile=req.compile)
     check_request(base)
     return base
 
@@ -200,8 +205,9 @@ def _run_backends(req: CompareRequest, out: Path, model: ModelRef, prompt, base:
     runs: dict[str, BackendRuns] = {}
     job_dir = out / JOBS
     job_dir.mkdir(exist_ok=True)
-    audio = AudioDecoder(model, out, req.codec) if req.decode_audio else None
-    events = audio.watch(on_event) if audio else on_event
+    reader = TraceReader(out)
+    audio = AudioDecoder(model, out, req.codec, reader.load) if req.decode_audio else None
+    events = reader.watch(audio.watch(on_event) if audio else on_event)
     workers_s = 0.0
     forced_from = None  # the reference's first native run, once it completed
     arbiter = {"spec": arbiter_spec, "status": "off" if arbiter_spec is None else "not run", "error": arbiter_off,
@@ -232,12 +238,12 @@ def _run_backends(req: CompareRequest, out: Path, model: ModelRef, prompt, base:
                               prepared=prepared.pop(label, None))
         workers_s += time.perf_counter() - began
         judged = [o for o in outcomes if not o.name.endswith("/" + ARBITER)]
-        runs[label] = collect(label, spec.tier, judged)
+        runs[label] = collect(label, spec.tier, judged, reader.load)
         if label == labels[0] and runs[label].status == "ok":
             forced_from = runs[label].native[0].path
             done = next((o for o in outcomes if o.name.endswith("/" + ARBITER)), None)
             if done is not None:
-                arbiter_trace = load_partial(Path(done.out)) if done.status == "ok" else None
+                arbiter_trace = reader.load(Path(done.out)) if done.status == "ok" else None
                 arbiter.update(status="ok" if arbiter_trace is not None else "failed",
                                error=None if done.status == "ok" else done.error,
                                trace=str(Path(done.out).relative_to(out)))
@@ -245,6 +251,7 @@ def _run_backends(req: CompareRequest, out: Path, model: ModelRef, prompt, base:
             entry.update(status="failed", error=runs[label].error)
         trace = (runs[label].native or [None])[0]
         entry["env"] = trace.meta.get("env") if trace is not None else None
+    reader.pool.shutdown(wait=False)  # every trace it read is in `runs` by now
     report = build_report(req, model, prompt, labels, backends, runs, arbiter, arbiter_trace)
     report = replace(report, words=run_words({label: named_runs(r) for label, r in runs.items()}, labels[0]),
                      timing=timing(runs, time.perf_counter() - started, arbiter_trace, workers_s))
@@ -269,7 +276,8 @@ def timing(runs: dict[str, BackendRuns], wall: float, arbiter: Trace | None = No
 
     A trace records the seconds its run spent loading the model (0 when it reused the one its
     worker had loaded) and `model_reused`; traces from before load-once lack it, and each loaded.
-    `workers_s` is how long the worker processes ran (their start-up, imports and exit included)."""
+    `workers_s` is how long the worker processes ran (their start-up, imports and exit included); the
+    first worker loads its model before its job arrives, so `worker_overhead_s` can be below 0."""
     traces = [t for r in runs.values() for t in [*r.native, r.portable, r.forced] if t is not None]
     traces += [arbiter] if arbiter is not None else []
     model = sum(t.meta.get("elapsed_s") or 0.0 for t in traces)
@@ -314,6 +322,7 @@ def build_report(req: CompareRequest, model: ModelRef, prompt, labels: list[str]
     if comparisons:
         arbiter = dict(arbiter, ratios=comparisons)
     repeat = [repeatability(r.label, r.native) for r in runs.values() if r.native]
+    ran = [t.steps for r in runs.values() for t in [*r.native, r.portable, r.forced] if t is not None]
     report = CompareReport(
         request=req.to_record(model.name, model.digest, prompt.describe()), reference=labels[0],
         backends=tuple(backends), verdicts=tuple(verdicts),
@@ -321,7 +330,8 @@ def build_report(req: CompareRequest, model: ModelRef, prompt, labels: list[str]
         failures=tuple(f for r in runs.values() for f in r.failures),
         traces={label: str(Path(TRACES) / safe_name(label)) for label in labels}, arbiter=arbiter,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join(shlex.quote(a) for a in ["xbackend", *sys.argv[1:]]) if sys.argv else None)
+        command=" ".join(shlex.quote(a) for a in ["xbackend", *sys.argv[1:]]) if sys.argv else None,
+        context=context_crossed(model.config, min(ran, default=0)).to_dict())
     return replace(report, verdicts=tuple(with_known_issues(v, report.known_issues(v)) for v in report.verdicts))
 
 
@@ -340,14 +350,44 @@ def check_decoder(spec: str, model: ModelRef) -> None:
     codec.check(ref, check_codebooks(ref, model.dep_q))
 
 
+class TraceReader:
+    """Each run's trace read and its digests verified in a thread of its own as soon as its worker says
+    it is done, so the parent's verification overlaps the runs that follow instead of following the last.
+    A trace is read once; `load` waits for it (or reads one that was never announced)."""
+
+    def __init__(self, out: Path):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.out = out
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="xbackend-verify")
+        self.jobs: dict = {}
+
+    def watch(self, on_event: EventFn | None) -> EventFn:
+        def handler(event: dict) -> None:
+            name = str(event.get("name", ""))
+            if event.get("event") == "done" and "/" in name:
+                label, run = name.rsplit("/", 1)
+                path = backend_dir(self.out, label) / run
+                self.jobs.setdefault(path, self.pool.submit(load_partial, path))
+            if on_event:
+                on_event(event)
+        return handler
+
+    def load(self, path: Path) -> Trace | None:
+        path = Path(path)
+        job = self.jobs.get(path)
+        return job.result() if job is not None else load_partial(path)
+
+
 class AudioDecoder:
     """Each backend's first native run decoded to WAV by a codec (spec), in a thread of its own
     as soon as that run is written, so decoding overlaps the runs that follow instead of the end."""
 
-    def __init__(self, model: ModelRef, out: Path, codec: str):
+    def __init__(self, model: ModelRef, out: Path, codec: str,
+                 load: Callable[[Path], Trace | None] = load_partial):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.model, self.out, self.codec = model, out, codec
+        self.model, self.out, self.codec, self.load = model, out, codec, load
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="xbackend-audio")
         self.jobs: dict = {}
 
@@ -366,7 +406,7 @@ class AudioDecoder:
         from .codecs import audio
         from .store.rundir import AUDIO
 
-        trace = load_partial(path)
+        trace = self.load(path)
         if trace is None or trace.steps <= max(self.model.delays) or not self.model.dep_q:
             return None
         wav = self.out / AUDIO / f"{safe_name(label)}.wav"

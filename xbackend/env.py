@@ -101,7 +101,10 @@ def fingerprint(**extra) -> dict:
 # --------------------------------------------------------------------------- does a framework run here
 # (shared by backends and codecs; the frameworks themselves are imported only inside these functions)
 
-COMPILE_ENV = "XBACKEND_TORCH_COMPILE"  # set to 1 to keep moshi's lazy torch.compile of rope/gating/norm
+COMPILE_ENV = "XBACKEND_TORCH_COMPILE"  # Mimi (codecs): 1 keeps moshi's lazy torch.compile; the LM takes --compile
+# --compile: auto does what the library does as it ships on that device (moshi: its lazy torch.compile
+# unless NO_TORCH_COMPILE is set), on insists (an error where the library cannot), off runs eagerly.
+COMPILE_CHOICES = ("auto", "on", "off")
 # Run in a fresh process: mlx 0.26's Metal `is_available()` is true whenever MLX was built with
 # Metal, and a process without GPU access (VM, sandbox, ssh session) aborts on the first GPU op.
 GPU_PROBE = """

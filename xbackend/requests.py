@@ -28,7 +28,7 @@ def _common_argv(req) -> list[str]:
         args += ["--prompt", req.prompt]
     if req.prompt_frames is not None:
         args += ["--prompt-frames", str(req.prompt_frames)]
-    args += ["--seed", str(req.seed), "--steps", str(req.steps)]
+    args += ["--seed", str(req.seed), "--steps", str(req.steps), "--compile", req.compile]
     for key, flag in SETTING_FLAGS:
         args += [flag, repr(getattr(req.settings, key))]
     return args
@@ -49,6 +49,7 @@ class CaptureRequest:
     settings: SamplingSettings = field(default_factory=SamplingSettings)
     run_index: int = 0  # which of a backend's runs this is; set by `compare`, no flag of `capture`
     prompt_frames: int | None = None  # a codes prompt's own frames; those past it are an audio prompt's fill
+    compile: str = "auto"  # auto | on | off (env.COMPILE_CHOICES); recorded in `effective`
 
     def to_argv(self) -> list[str]:
         """`xbackend capture ...` for this request (no `--out`: where to write is the caller's)."""
@@ -74,6 +75,7 @@ class CompareRequest:
     arbiter: str = ARBITER_AUTO  # auto: cpu:fp64 when the model fits in memory; none: off; or a spec
     sampler: str | None = None  # compare: the comparable free runs' (portable | candle); repeat: the runs' (native)
     prompt_frames: int | None = None  # a codes prompt's own frames (see CaptureRequest)
+    compile: str = "auto"  # every run's --compile (auto | on | off), the arbiter's too
 
     def to_argv(self) -> list[str]:
         """`xbackend compare ...` for this request: every field the command has a flag for (no `--out`)."""
@@ -90,7 +92,7 @@ class CompareRequest:
                 "model_digest": model_digest, "prompt": prompt, "seed": self.seed, "steps": self.steps,
                 "repeats": self.repeats, "timeout": self.timeout, "alignment": self.alignment,
                 "sampler": self.sampler or "portable", "settings": self.settings.to_dict(),
-                "plugins": list(self.plugins), "arbiter": self.arbiter}
+                "plugins": list(self.plugins), "arbiter": self.arbiter, "compile": self.compile}
 
     @classmethod
     def from_record(cls, data: dict, *, prompt: str | None = None, codec: str | None = None) -> CompareRequest:
@@ -105,6 +107,7 @@ class CompareRequest:
                    settings=SamplingSettings.from_dict(data.get("settings")),
                    plugins=tuple(data.get("plugins") or ()), codec=codec or defaults.codec,
                    arbiter=data.get("arbiter") or defaults.arbiter, sampler=data.get("sampler") or "portable",
+                   compile=data.get("compile") or defaults.compile,
                    # frames fewer than those fed: the rest is an audio prompt's silence fill
                    prompt_frames=frames if prompt is not None and isinstance(frames, int) and isinstance(fed, int)
                    and frames < fed else None)

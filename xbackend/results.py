@@ -240,6 +240,7 @@ class CompareReport:
     timing: dict | None = None
     words: dict | None = None  # each run's decoded text (xbackend.analysis.words)
     locate: dict | None = None  # by backend: where in the network it parts (xbackend.locate/1, `locate`)
+    context: dict | None = None  # did the runs cross the model's context (xbackend.analysis.context)
 
     @property
     def labels(self) -> list[str]:
@@ -306,6 +307,8 @@ class CompareReport:
             out["words"] = self.words
         if self.locate is not None:
             out["locate"] = self.locate
+        if self.context is not None:
+            out["context"] = self.context
         return out
 
     def _located(self, verdict: dict) -> dict:
@@ -330,7 +333,7 @@ class CompareReport:
                 failures=tuple(d.get("failures") or ()), traces=dict(d.get("traces") or {}),
                 arbiter=d.get("arbiter"), created=d.get("created"), command=d.get("command"),
                 audio=d.get("audio"), codec=d.get("codec"), timing=d.get("timing"),
-                words=d.get("words"), locate=d.get("locate"))
+                words=d.get("words"), locate=d.get("locate"), context=d.get("context"))
         except (KeyError, TypeError, ValueError) as exc:
             raise XBackendError(f"report is missing or has a malformed field ({type(exc).__name__}: {exc})",
                                 fix="run xbackend compare again") from None

@@ -37,6 +37,8 @@ from ..results import VERDICTS, Finding, Point, Repeatability, Verdict, times
 from ..samplers import shares_sampler
 from ..store.trace import Trace
 from ..tolerances import CONCENTRATED, CONCENTRATED_SHARE, GROSS, NOISE_FLOOR, over_threshold
+from .context import context_length
+from .knobs import compile_difference
 
 
 
@@ -295,6 +297,7 @@ def diagnose(ref: BackendRuns, other: BackendRuns, tolerance: float, window: int
         figures["first_beyond_tolerance"] = Point(int(over[0]), streams[int(over[1])]).to_dict()
         s, c = np.unravel_index(int(np.argmax(np.where(np.isnan(fd), np.inf, fd))), fd.shape)
         figures["max_at"] = Point(int(s), streams[int(c)]).to_dict()
+    figures["context"] = context_length(ref.native[0].meta)  # an onset exactly there is the attention window
     if on.onset is not None:
         holds["SEMANTIC_MISMATCH"] = on.onset
         k = streams.index(on.onset.stream)
@@ -323,6 +326,9 @@ def diagnose(ref: BackendRuns, other: BackendRuns, tolerance: float, window: int
     declared = shares_sampler(*ids)
     bitwise_at_n = n is not None and first_logits_difference(ref.native[0], other.native[0], until=n) is None
     shared = declared and not bitwise_at_n  # measurement over declaration
+    knob = compile_difference(ref.native[0].meta, other.native[0].meta)
+    if knob is not None:
+        figures["compile"] = knob
     figures.update(native_divergence=None if n is None else n.to_dict(),
                    portable_divergence=None if p is None else p.to_dict(),
                    shared_sampler=declared, reference_sampler=ids[0], backend_sampler=ids[1],

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .context import context_crossed
 from ..errors import XBackendError
+from .knobs import compile_difference
 from .metrics import (METRICS, StepMetrics, Summary, bitwise_equal_steps, drift_explains, finite_or_none,
                       first_token_divergence, step_metrics, summarize)
 from ..results import Point, exit_code, where
@@ -325,6 +327,12 @@ def _notes(a: Trace, b: Trace, n: int) -> list[str]:
     da, db = a.meta.get("delays"), b.meta.get("delays")
     if da is not None and db is not None and da != db:
         notes.append(f"acoustic delays differ: {da} in A vs {db} in B")
+    knob = compile_difference(a.meta, b.meta)
+    if knob is not None:  # comparable all the same: it is a knob of one program, not another program
+        notes.append(f"{knob['note']} (B against A)")
+    context = context_crossed(a.meta, n)
+    if context.length is not None:
+        notes.append(context.note)
     return notes
 
 

@@ -81,7 +81,9 @@ def explain(v: Verdict) -> str:
     if v.verdict != "BACKEND_FAILED":
         text += _also(v)
     arb = arbiter_sentence(v) if v.verdict != "BACKEND_FAILED" else ""
-    return text + (" " + arb if arb else "") + sentence(v.figures.get("known_issues") or [])
+    knob = (v.figures.get("compile") or {}).get("note") if v.verdict != "BACKEND_FAILED" else None
+    return (text + (" " + arb if arb else "") + sentence(v.figures.get("known_issues") or [])
+            + (f" Note: {knob}." if knob else ""))
 
 
 def free_sampler_name(f: dict) -> str:

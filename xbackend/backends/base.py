@@ -149,6 +149,7 @@ class Backend:
     extra = ""  # the xbackend extra that installs `library` (pyproject.toml), "" for plugins
     consumes_late = False  # True when the library consumes user codes one step after they are passed
     host_decisions = False  # set when the sampler runs on the host only (candle): no device-side decisions
+    compile_choice = "auto"  # --compile (env.COMPILE_CHOICES), set per run; a library without compilation ignores it
 
     def __init__(self, spec: BackendSpec):
         self.spec = spec

@@ -24,7 +24,7 @@ from ..errors import BackendFailed, BackendUnavailable, XBackendError
 from ..capture.models import ModelRef
 from ..samplers import effective_top_k, portable_uniforms
 from ..spec import BackendSpec
-from ..env import COMPILE_ENV, install_hint, mps_unavailable
+from ..env import install_hint, mps_unavailable
 from .base import Backend, Job, StepRecord, StepRecorder
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
@@ -59,10 +59,11 @@ class TorchBackend(Backend):
         self.device = f"cuda:{spec.device}" if spec.device else spec.name
         self.lm = None
         self.path_choice: str | None = None  # host | device | auto; None reads XBACKEND_CAPTURE_PATH
-        # moshi compiles rope, gating and RMSNorm lazily with torch.compile: minutes of start-up
-        # on a CPU, in every worker process, and different numerics from eager. Eager is the
-        # default; the choice is recorded in every trace.
-        self.compile = os.environ.get(COMPILE_ENV, "") not in ("", "0") and not os.environ.get("NO_TORCH_COMPILE")
+
+    @property
+    def compile(self) -> bool:
+        """Is moshi's lazy torch.compile on for this run? (`compile_choice`, see `torch_compile_wanted`)."""
+        return torch_compile_wanted(self.compile_choice)
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -123,8 +124,8 @@ class TorchBackend(Backend):
         path = self.capture_path()
         graphs = self.spec.name == "cuda" and path == "device" and _cuda_graphs_allowed()
         compiled = compiled_by_moshi() if self.compile else []
-        out = {"cuda_graphs": graphs, "torch_compile": bool(compiled), "torch_compile_requested": self.compile,
-               "torch_compiled": compiled, "capture_path": path}
+        out = {"cuda_graphs": graphs, "compile": self.compile_choice, "torch_compile": bool(compiled),
+               "torch_compile_requested": self.compile, "torch_compiled": compiled, "capture_path": path}
         if self.lm is not None:  # where the weights really are, not where they were asked to be
             out["weights_device"] = str(next(self.lm.parameters()).device)
             out["weights_dtype"] = str(next(self.lm.parameters()).dtype).replace("torch.", "")
@@ -482,6 +483,19 @@ def load_error(exc: Exception, model: ModelRef, spec: BackendSpec, device: str) 
     return error(f"Backend {spec} failed to load model {model.name} onto {device} ({detail})",
                  fix="free device memory or use a smaller dtype" if oom else
                  "run `xbackend backends` to see what this device supports")
+
+
+def torch_compile_wanted(choice: str) -> bool:
+    """`--compile` for moshi. moshi as it ships wraps rms-norm, rope and gating in a lazy `torch.compile`
+    unless NO_TORCH_COMPILE is set when it is imported (moshi/utils/compile.py, `torch_compile_lazy`),
+    and its transformer layers enter `no_compile()` off CUDA, so on the CPU and MPS only the output
+    RMSNorm compiles. `auto` is exactly that; `off` runs eagerly (`no_compile()`); `on` is `auto` that
+    refuses to run where NO_TORCH_COMPILE leaves nothing to compile."""
+    from ..store.validate import compile_choice
+
+    compile_choice(choice)  # `on` where NO_TORCH_COMPILE is set: one clear error
+    blocked = bool(os.environ.get("NO_TORCH_COMPILE"))  # moshi's own test: any non-empty value
+    return choice != "off" and not blocked
 
 
 def compiled_by_moshi() -> list[str]:

@@ -86,6 +86,7 @@ def check_request(req: CaptureRequest) -> None:
     validate.integer("run_index", req.run_index, 0, 2**31)
     if req.prompt_frames is not None:
         validate.integer("--prompt-frames", req.prompt_frames, 1, 2**31)
+    validate.compile_choice(req.compile)
     parse_mode(req.sampler)
 
 
@@ -113,20 +114,36 @@ class LoadedBackend:
     def __init__(self, backend: Backend, model: ModelRef, loaded: bool = False):
         self.backend, self.model = backend, model
         self.loaded = loaded
+        self.charged = loaded  # the load is accounted for: loaded before, or recorded by an earlier run's trace
         self.load_s = 0.0  # seconds the one load took
         self.runs = 0
+        self.failure: Exception | None = None  # what a `preload` raised, for the first run to raise in its trace
+
+    def preload(self) -> None:
+        """Load now, before any run asks (a worker does it while the parent still prepares the prompt);
+        a failure is kept and raised by the first run's `load`, so that run's trace records it."""
+        try:
+            self.load()
+        except Exception as exc:  # noqa: BLE001 - re-raised, unchanged, inside the first run
+            self.failure = exc
+        self.charged = False  # the first run records the load it did not wait for
 
     def load(self) -> float:
-        """Load the weights unless already loaded; returns the seconds this call spent loading."""
-        if self.loaded:
+        """Load the weights unless already loaded; returns the load's seconds to record, once (0 after)."""
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+        if not self.loaded:
+            started = time.perf_counter()
+            self.backend.load(self.model)
+            if self.backend.on_load is not None:  # a plugin's patch of the upstream model (wrap_backend)
+                self.backend.on_load(self.backend.upstream_model())
+            self.backend.synchronize()  # MPS/CUDA/MLX load asynchronously: the load ends when the weights are there
+            self.loaded = True
+            self.load_s = time.perf_counter() - started
+        if self.charged:
             return 0.0
-        started = time.perf_counter()
-        self.backend.load(self.model)
-        if self.backend.on_load is not None:  # a plugin's patch of the upstream model (wrap_backend)
-            self.backend.on_load(self.backend.upstream_model())
-        self.backend.synchronize()  # MPS/CUDA/MLX load asynchronously: the load ends when the weights are there
-        self.loaded = True
-        self.load_s = time.perf_counter() - started
+        self.charged = True
         return self.load_s
 
 
@@ -164,7 +181,8 @@ def run_loaded(session: LoadedBackend, req: CaptureRequest, out: str | Path,
         prompt = load_prompt(req.prompt, model, req.steps, req.prompt_frames)
     job = Job(model, prompt.codes, req.steps, req.seed, sampler, req.alignment, req.run_index)
     backend.host_decisions = sampler.host_only
-    reused = session.loaded
+    backend.compile_choice = req.compile
+    reused = session.charged
     meta = {
         "backend": backend.label, "library": backend.library, "spec": dataclasses.asdict(backend.spec),
         "model": model.describe(), "prompt": prompt.describe(), "seed": req.seed,

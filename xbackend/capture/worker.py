@@ -50,8 +50,9 @@ def request_from_json(data: dict):
     return CaptureRequest(**dict(data, settings=SamplingSettings.from_dict(data["settings"])))
 
 
-def worker_main(job_file: str) -> int:
-    """Run a job's runs in order; each backend and model is loaded once, by its first run, for all of them."""
+def worker_main(job_file: str, sessions: dict | None = None) -> int:
+    """Run a job's runs in order; each backend and model is loaded once, by its first run (or by a
+    prepared worker's `preload`: `sessions`), for all of them."""
     from ..backends import load_plugin
     from .run import check_request, open_backend, run_loaded
 
@@ -63,8 +64,9 @@ def worker_main(job_file: str) -> int:
         first = job["runs"][0]["name"] if job["runs"] else "?"
         emit(event="failed", name=first, error=str(exc), exit_code=exc.exit_code)
         return exc.exit_code
-    sessions: dict[tuple, object] = {}
-    for run in job["runs"]:
+    # a plugin may replace the very backend a prepared worker preloaded: then nothing preloaded is used
+    sessions = {} if job.get("plugins") else dict(sessions or {})
+    for index, run in enumerate(job["runs"]):
         emit(event="start", name=run["name"])
         last = [0.0]
 
@@ -78,6 +80,8 @@ def worker_main(job_file: str) -> int:
             req = request_from_json(run["request"])
             check_request(req)
             key = (req.backend, req.model, req.model_config)
+            if index == 0 and key not in sessions:
+                sessions.clear()  # preloaded for another model than the job's: never two models at once
             if key not in sessions:
                 sessions[key] = open_backend(*key)
             run_loaded(sessions[key], req, run["out"], progress=progress)
@@ -88,25 +92,42 @@ def worker_main(job_file: str) -> int:
     return 0
 
 
-def prepare_worker(spec: str) -> subprocess.Popen:
+def prepare_worker(spec: str, preload: tuple[str, str | None] | None = None) -> subprocess.Popen:
     """Start a worker that imports `spec`'s libraries now and waits for its job file on stdin.
 
     `compare` starts the next backend's worker while the current one runs, so importing torch or
-    mlx overlaps model work instead of adding to it. Nothing is loaded before the job arrives:
-    two models in memory at once could exceed a Mac's."""
-    return subprocess.Popen([sys.executable, "-m", "xbackend.capture.worker", "--wait", spec], stdin=subprocess.PIPE,
+    mlx overlaps model work instead of adding to it. That one loads nothing before its job arrives:
+    two models in memory at once could exceed a Mac's. The first worker, with no model beside it,
+    is given `preload` (model, model config) and loads it while the parent encodes the prompt."""
+    model = [preload[0], preload[1] or ""] if preload else []
+    return subprocess.Popen([sys.executable, "-m", "xbackend.capture.worker", "--wait", spec, *model], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_job(spec: str) -> str:
-    """A prepared worker: import the backend's library (best effort), then read the job file's path."""
+def _wait_for_job(spec: str, model: str | None = None, model_config: str | None = None) -> tuple[str, dict]:
+    """A prepared worker: import the backend's library (best effort) and load `model` if given, then
+    read the job file's path. A load that fails is raised by the first run that uses it."""
+    sessions: dict[tuple, object] = {}
     try:
         from ..backends import create_backend
 
-        create_backend(spec).unavailable_reason()  # imports torch/moshi or mlx/moshi_mlx
+        available = create_backend(spec).unavailable_reason() is None  # imports torch/moshi or mlx/moshi_mlx
     except Exception:  # noqa: BLE001 - a plugin's name, or a broken install: the job will say so
-        pass
-    return sys.stdin.readline().strip()
+        available = False
+    if available and model:
+        from .run import open_backend
+
+        key = (spec, model, model_config or None)
+        try:
+            sessions[key] = session = open_backend(*key)
+            session.preload()
+            failed = session.failure is not None
+        except Exception:  # noqa: BLE001 - a model that does not resolve: the first run resolves it again and says why
+            sessions.clear()
+            failed = True
+        emit(event="preloaded", name=spec, load_s=round(sessions[key].load_s, 4) if sessions else None,
+             failed=failed)
+    return sys.stdin.readline().strip(), sessions
 
 
 def run_worker(job: dict, job_file: Path, timeout: float,
@@ -196,4 +217,4 @@ def _out(job: dict, name: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(_wait_for_job(sys.argv[2]) if sys.argv[1] == "--wait" else sys.argv[1]))
+    sys.exit(worker_main(*_wait_for_job(*sys.argv[2:5])) if sys.argv[1] == "--wait" else worker_main(sys.argv[1]))

@@ -80,6 +80,8 @@ TOPK_TEXT_OPT = typer.Option(None, help=f"Text top-k, 0: every token [default: {
                                         "250 with --sampler candle].")
 TEMP_AUDIO_OPT = typer.Option(None, help=f"Audio temperature [default: {_DEFAULT_SETTINGS.temp_audio}].")
 TOPK_AUDIO_OPT = typer.Option(None, help=f"Audio top-k, 0: every token [default: {_DEFAULT_SETTINGS.top_k_audio}].")
+COMPILE_OPT = typer.Option("auto", "--compile", help="auto: compile what upstream moshi compiles on that device "
+                           "(its lazy torch.compile unless NO_TORCH_COMPILE is set); on: insist; off: eager.")
 JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdout instead of the text output.")
 
 
@@ -236,6 +238,7 @@ def capture(
     temp_text: Optional[float] = TEMP_TEXT_OPT, top_k_text: Optional[int] = TOPK_TEXT_OPT,
     temp_audio: Optional[float] = TEMP_AUDIO_OPT, top_k_audio: Optional[int] = TOPK_AUDIO_OPT,
     out: Path = typer.Option(Path("trace"), "--out", "-o", help="Trace directory to write."),
+    compile_choice: str = COMPILE_OPT,
     force: bool = FORCE_OPT,
     plugin: Optional[List[Path]] = PLUGIN_OPT,
     as_json: bool = JSON_OPT,
@@ -248,7 +251,7 @@ def capture(
     load_plugins(plugin)
     req = CaptureRequest(backend=backend, model=model, model_config=model_config, prompt=prompt,
                          prompt_frames=prompt_frames, seed=seed,
-                         steps=steps, sampler=sampler, alignment=alignment,
+                         steps=steps, sampler=sampler, alignment=alignment, compile=compile_choice,
                          settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio, sampler))
     bar, update = progress_bar(f"capture {backend}")
     with bar:
@@ -256,7 +259,8 @@ def capture(
     meta = trace.meta
     data = {"schema": "xbackend.capture/1", "trace": str(out), "backend": meta["backend"], "steps": trace.steps,
             "status": meta.get("status"), "sampler": meta["sampler"], "settings": meta["settings"],
-            "seed": meta["seed"], "ms_per_step": meta.get("ms_per_step")}
+            "seed": meta["seed"], "ms_per_step": meta.get("ms_per_step"),
+            "first_step_ms": meta.get("first_step_ms"), "effective": meta.get("effective")}
     emit(data, as_json, json_out, lambda: typer.echo(
         f"{trace.steps} steps of {backend} ({meta['sampler']['mode']}) written to {out} "
         f"at {meta.get('ms_per_step')} ms/step"))
@@ -376,6 +380,7 @@ def compare(
     arbiter: str = typer.Option("auto", help="Numeric arbiter teacher-forced on the reference's tokens: auto "
                                 "(cpu:fp64 when the model fits in memory), none, or a backend spec."),
     codec: str = typer.Option("torch:cpu", "--codec", help="Codec spec that decodes the generated audio (torch:cpu, mlx:cpu, candle, ...)."),
+    compile_choice: str = COMPILE_OPT,
     force: bool = FORCE_OPT,
     plugin: Optional[List[Path]] = PLUGIN_OPT,
     locate_: bool = typer.Option(False, "--locate", help="Then locate the first diverging module of every backend "
@@ -390,7 +395,8 @@ def compare(
                          prompt_frames=prompt_frames,
                          seed=seed, steps=steps, repeats=repeats, timeout=timeout, alignment=alignment,
                          settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio, sampler),
-                         sampler=sampler, plugins=tuple(str(p) for p in plugin or []), codec=codec, arbiter=arbiter)
+                         sampler=sampler, plugins=tuple(str(p) for p in plugin or []), codec=codec, arbiter=arbiter,
+                         compile=compile_choice)
     progress, on_event = run_progress()
     with progress:
         report = run_compare(req, out, on_event, min_backends=2, force=force)
@@ -401,6 +407,8 @@ def compare(
 
     def text() -> None:
         print_verdicts(report)
+        if report.context:
+            typer.echo(report.context["note"])
         t = report.timing
         if report.codec:
             typer.echo(f"audio decoded with codec {report.codec['spec']} into {out / 'audio'}")
@@ -554,6 +562,7 @@ def repeat(
     temp_text: Optional[float] = TEMP_TEXT_OPT, top_k_text: Optional[int] = TOPK_TEXT_OPT,
     temp_audio: Optional[float] = TEMP_AUDIO_OPT, top_k_audio: Optional[int] = TOPK_AUDIO_OPT,
     out: Path = typer.Option(Path("runs/repeat"), "--out", "-o", help="Directory for the runs' traces."),
+    compile_choice: str = COMPILE_OPT,
     force: bool = FORCE_OPT,
     plugin: Optional[List[Path]] = PLUGIN_OPT,
     as_json: bool = JSON_OPT,
@@ -566,7 +575,7 @@ def repeat(
                          prompt_frames=prompt_frames, seed=seed,
                          steps=steps, repeats=runs, timeout=timeout, alignment=alignment, sampler=sampler,
                          settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio, sampler),
-                         plugins=tuple(str(p) for p in plugin or []))
+                         plugins=tuple(str(p) for p in plugin or []), compile=compile_choice)
     progress, on_event = run_progress()
     with progress:
         result = run_repeat(req, out, on_event, force=force)
@@ -649,6 +658,7 @@ def check(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Keep the fresh run directory here (default: temporary)."),
     run: Optional[Path] = typer.Option(None, "--run", help="Check this run directory, recorded earlier by `compare` or "
                                        "`check --out`, instead of running the backends (needs no backend installed)."),
+    compile_choice: Optional[str] = typer.Option(None, "--compile", help="auto, on or off [default: the baseline's]."),
     force: bool = FORCE_OPT,
     plugin: Optional[List[Path]] = PLUGIN_OPT,
     as_json: bool = JSON_OPT,
@@ -663,7 +673,7 @@ def check(
     with progress:
         result = run_check(baseline, model=model, seed=seed, steps=steps, tolerances=table, timeout=timeout,
                            plugins=tuple(str(p) for p in plugin or []), out=out, on_event=on_event, run=run,
-                           force=force)
+                           force=force, compile_choice=compile_choice)
     if junit:
         from ..check import junit_xml
 
@@ -740,6 +750,7 @@ def baseline_create(
     alignment: str = ALIGNMENT_OPT,
     temp_text: Optional[float] = TEMP_TEXT_OPT, top_k_text: Optional[int] = TOPK_TEXT_OPT,
     temp_audio: Optional[float] = TEMP_AUDIO_OPT, top_k_audio: Optional[int] = TOPK_AUDIO_OPT,
+    compile_choice: str = COMPILE_OPT,
     force: bool = FORCE_OPT,
     plugin: Optional[List[Path]] = PLUGIN_OPT,
     as_json: bool = JSON_OPT,
@@ -753,7 +764,7 @@ def baseline_create(
                          seed=seed, steps=steps,
                          repeats=repeats, timeout=timeout, alignment=alignment,
                          settings=settings_options(temp_text, top_k_text, temp_audio, top_k_audio),
-                         plugins=tuple(str(p) for p in plugin or []))
+                         plugins=tuple(str(p) for p in plugin or []), compile=compile_choice)
     progress, on_event = run_progress()
     with progress:
         made = create_baseline(req, out, on_event, force=force)
@@ -901,6 +912,7 @@ def replay(
     prompt: Optional[str] = typer.Option(None, help="The app's input audio or codes, when the trace has no user codes."),
     steps: Optional[int] = typer.Option(None, help="Replay only the first N steps."),
     out: Path = typer.Option(Path("runs/replay"), "--out", "-o", help="Directory for the forced trace, replay.json, report.md."),
+    compile_choice: str = COMPILE_OPT,
     as_json: bool = JSON_OPT,
     json_out: Optional[Path] = JSON_OUT_OPT,
     plugin: Optional[List[Path]] = PLUGIN_OPT,
@@ -915,7 +927,7 @@ def replay(
     bar, update = progress_bar(f"replay on {backend}")
     with bar:
         result = run_replay(ReplayRequest(trace=str(trace), backend=backend, model=model, model_config=model_config,
-                                          prompt=prompt, steps=steps), out, progress=update)
+                                          prompt=prompt, steps=steps, compile=compile_choice), out, progress=update)
     def text() -> None:
         f = result["first_inconsistency"]
         typer.echo(f"{result['verdict']}: " + ("consistent through step " + str(result["consistent_through"]) if f is None

@@ -486,6 +486,8 @@ def _verdict_section(report) -> list[str]:
         if b["status"] != "ok":
             out += [f"- **{b['name']}: {b['status']}** - {b.get('error')}"]
     out += [f"- **{v.backend}** ({v.verdict}, {v.label}): {v.explanation}" for v in report.verdicts]
+    if report.context and report.context.get("note"):
+        out += [f"- Context: {report.context['note']}."]
     return out + [""]
 
 

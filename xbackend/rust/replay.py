@@ -53,6 +53,7 @@ class ReplayRequest:
     model_config: str | None = None
     prompt: str | None = None  # user codes when the trace has none (a token-line log)
     steps: int | None = None
+    compile: str = "auto"  # --compile of the forced run
 
 
 def _candle_setup(trace: Trace) -> tuple[SamplingSettings, int, int, float | None, int, tuple | None]:
@@ -142,7 +143,7 @@ def replay(req: ReplayRequest, out: str | Path, progress: Callable[[int, int], N
     forced_dir = out / "forced"
     creq = CaptureRequest(backend=req.backend, model=req.model, model_config=req.model_config,
                           prompt=str(prompt) if prompt else None, seed=text_seed if text_seed < 2**63 else 0,
-                          steps=steps, sampler=f"forced:{app.path}", settings=settings)
+                          steps=steps, sampler=f"forced:{app.path}", settings=settings, compile=req.compile)
     tokens, _ = forced_plan(str(app.path), model, steps)
     fill = CandleStreams(text_seed, audio_seed, settings, dep_q=model.dep_q, pad_token=pad_token, pad_mult=pad_mult)
     sampler = Sampler("forced", creq.seed, settings, forced_tokens=tokens, forced_from=str(app.path), fill=fill)

@@ -7,8 +7,10 @@ backend failure found minutes later inside a worker. Each rule lives here once.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import fields
 
+from ..env import COMPILE_CHOICES
 from ..errors import XBackendError
 
 MAX_STEPS = 100_000  # 80 ms each: 2 h 13 min, far beyond Moshi's 3000-step context; bounds prompt padding memory
@@ -53,6 +55,18 @@ def seed(value) -> int:
 
 def timeout(value) -> float:
     return number("--timeout", value, 1.0, MAX_TIMEOUT)
+
+
+def compile_choice(value) -> str:
+    """--compile: auto, on or off; `on` cannot keep a promise NO_TORCH_COMPILE already broke (moshi reads it at import)."""
+    if value not in COMPILE_CHOICES:
+        raise XBackendError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {value!r}",
+                            fix="pass --compile auto (what the library does as it ships), on or off")
+    if value == "on" and os.environ.get("NO_TORCH_COMPILE"):
+        raise XBackendError("--compile on, but NO_TORCH_COMPILE is set: moshi leaves its functions uncompiled",
+                            asked=f"NO_TORCH_COMPILE={os.environ['NO_TORCH_COMPILE']!r}",
+                            fix="unset NO_TORCH_COMPILE, or pass --compile auto (which respects it) or off")
+    return value
 
 
 def repeats(value, name: str = "--repeats", lo: int = 1) -> int:
@@ -201,6 +215,12 @@ def report_json(source: str, report) -> dict:
             s.obj(f"locate.{label}", entry)
             s.text(f"locate.{label}.sentence", entry.get("sentence"))
             s.text(f"locate.{label}.error", entry.get("error"))
+    if s.obj("context", report.get("context"), none=True):
+        c = report["context"]
+        for key in ("length", "steps", "steps_to_cross"):
+            s.int(f"context.{key}", c.get(key))
+        s.boolean("context.crossed", c.get("crossed"))
+        s.text("context.note", c.get("note"))
     req = report.get("request")
     s.obj("request", req)
     s.lst("request.backends", req.get("backends"))
@@ -208,7 +228,7 @@ def report_json(source: str, report) -> dict:
         s.text(f"request.backends[{i}]", b, none=False)
     for key in ("model", "alignment"):
         s.text(f"request.{key}", req.get(key), none=False)
-    for key in ("model_digest", "model_config"):
+    for key in ("model_digest", "model_config", "compile"):
         s.text(f"request.{key}", req.get(key))
     for key in ("seed", "steps", "repeats"):
         s.int(f"request.{key}", req.get(key), none=False)
