@@ -44,6 +44,19 @@ PLUGINS = {
             return x
         xbackend.register_backend("faulty", xbackend.wrap_backend("cpu", on_logits=f))
     """,
+    "printer": """
+        print(12345)  # at import, in the command and in the worker
+        def f(run, step, stream, x):
+            print(7)
+            os.write(1, b'{"event": "done", "name": "faulty/native-0"}\\n42\\n')
+            return x
+        xbackend.register_backend("faulty", xbackend.wrap_backend("cpu", on_logits=f))
+    """,
+    "importhang": """
+        if IN_WORKER:
+            time.sleep(600)
+        xbackend.register_backend("faulty", xbackend.wrap_backend("cpu", on_logits=lambda r, s, n, x: x))
+    """,
     "slow": """
         def f(run, step, stream, x):
             if stream == "text":
@@ -107,6 +120,29 @@ def test_timeout_then_report(tmp_path):
     assert statuses["faulty/native-0"] == "timeout"
     assert statuses["faulty/portable"] == "skipped"
     assert report["verdicts"][0]["verdict"] == "BACKEND_FAILED"
+
+
+def test_a_plugin_that_prints_breaks_neither_json_nor_the_worker_protocol(tmp_path):
+    """A hook printing a number (and a forged event) once crashed compare with AttributeError."""
+    out = tmp_path / "run"
+    proc = run_cli(*compare_args(tmp_path, "printer", out, "--json"))
+    assert proc.returncode in (0, 1), proc.stderr
+    data = json.loads(proc.stdout)  # stdout is the result only
+    assert {b["name"]: b["status"] for b in data["backends"]} == {"cpu": "ok", "faulty": "ok"}
+    meta = json.loads((out / "traces" / "faulty" / "native-0" / "meta.json").read_text())
+    assert meta["status"] == "complete" and meta["steps"] == 6  # the forged "done" ended nothing early
+    assert "12345" in proc.stderr
+
+
+def test_the_timeout_covers_a_worker_whose_plugin_hangs_at_import(tmp_path):
+    out = tmp_path / "run"
+    started = time.monotonic()
+    proc = run_cli(*compare_args(tmp_path, "importhang", out, "--timeout", "10"), timeout=280)
+    assert proc.returncode == 3, proc.stderr
+    assert time.monotonic() - started < 240  # one 10 s timeout for the hung worker, not 600 s
+    report = report_works(out)
+    first = next(f for f in report["failures"] if f["run"] == "faulty/native-0")
+    assert first["status"] == "timeout" and "no run started" in first["error"]
 
 
 def test_concurrent_writers_are_refused_and_the_first_run_stays_whole(tmp_path):

@@ -36,12 +36,13 @@ from .advisories import LOGITS, NONDETERMINISM, advise, explaining, sentence, ve
 from .compare import CompareRequest, EventFn, run_compare
 from .errors import BackendFailed, XBackendError
 from .report.markdown import md_table
-from .results import CompareReport, Point, Repeatability, Verdict, exit_code, where
-from .store.rundir import FORCED, NATIVE_0, PORTABLE, PROMPT_CODES, TRACES, RunDir, load_partial, safe_name
+from .results import CompareReport, Point, Repeatability, Verdict, count, exit_code, where
+from .store.rundir import FORCED, NATIVE_0, PORTABLE, PROMPT_CODES, TRACES, RunDir, load_partial, safe_name, unique_labels
 from .samplers import SamplingSettings
-from .tolerances import CHECK_TOLERANCES, load_tolerances, tier_of
+from .tolerances import CHECK_TOLERANCES, TOLERANCES_EXAMPLE, tier_of, tolerance_table
 from .store.claim import claim, inside, overlaps, read_json
-from .store.trace import Trace, load_trace, write_bytes_atomic, write_json_atomic
+from .store.files import clean, write_file, write_json
+from .store.trace import Trace, load_trace
 
 BASELINE_SCHEMA = "xbackend.baseline/1"
 CHECK_SCHEMA = "xbackend.check/1"
@@ -51,6 +52,15 @@ __all__ = ["CHECK_TOLERANCES", "load_tolerances", "create_baseline", "run_check"
 
 
 # --------------------------------------------------------------------------- baselines
+
+
+
+def load_tolerances(path: str | Path, defaults: dict[str, float] = CHECK_TOLERANCES) -> dict[str, float]:
+    """`defaults` with the `[tolerances]` table of a TOML file on top (read by the one loader of untrusted files)."""
+    from .store.files import load_toml
+
+    data = load_toml(path, "Tolerances file", f"pass a TOML file to --tolerances: {TOLERANCES_EXAMPLE}")
+    return tolerance_table(data, Path(path), defaults)
 
 
 def baseline_runs(label: str, reference: str) -> tuple[str, ...]:
@@ -86,7 +96,7 @@ def create_baseline(req: CompareRequest, out: str | Path, on_event: EventFn | No
                 if rel.as_posix() in previous:
                     shutil.rmtree(out / rel)  # a trace an earlier baseline here wrote: replaced by its new run
                 shutil.copytree(Path(tmp) / report.traces[label] / rel.name, out / rel, symlinks=True)
-            write_bytes_atomic(out / PROMPT_CODES, (Path(tmp) / PROMPT_CODES).read_bytes())
+            write_file(out / PROMPT_CODES, (Path(tmp) / PROMPT_CODES).read_bytes())
             for b in report.backends:
                 rel = Path(TRACES) / safe_name(b["name"])
                 traces[b["name"]] = {"dir": rel.as_posix(), "runs": list(baseline_runs(b["name"], ref)),
@@ -104,6 +114,9 @@ def kept_on_failure(prefix: str):
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         yield tmp
+    except (KeyboardInterrupt, SystemExit):  # the user stopped it: nothing of it is worth keeping
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except BaseException:
         if not any(tmp.iterdir()):
             tmp.rmdir()
@@ -148,7 +161,7 @@ def _write_baseline(req: CompareRequest, report: CompareReport, traces: dict, ou
         "traces": traces,
         "env": {b["name"]: b["env"] for b in report.backends},
     }
-    write_json_atomic(out / BASELINE_JSON, baseline)
+    write_json(out / BASELINE_JSON, baseline)
     return baseline
 
 
@@ -159,12 +172,17 @@ def load_baseline(path: str | Path) -> dict:
     if not file.is_file():
         raise XBackendError(f"No {BASELINE_JSON} in {path}",
                             fix="make one with `xbackend baseline create --backends cpu,mlx:cpu --out DIR`")
-    baseline = read_json(file, "baselines", fix="recreate it with `xbackend baseline create`")
+    baseline = read_json(file, "baseline", fix="recreate it with `xbackend baseline create`")
     if not isinstance(baseline, dict) or baseline.get("schema") != BASELINE_SCHEMA:
         schema = baseline.get("schema") if isinstance(baseline, dict) else None
         raise XBackendError(f"{file} has schema {schema!r}, expected {BASELINE_SCHEMA!r}",
                             fix="recreate it with `xbackend baseline create`")
     validate.baseline_json(str(file), baseline, tuple(f.name for f in fields(SamplingSettings)))
+    labels = unique_labels(baseline["backends"])
+    for label in baseline["traces"]:
+        if label not in labels:
+            raise XBackendError(f"{file}: traces.{clean(label)[:60]!r} is not one of the baseline's backends "
+                                f"({', '.join(labels)})", fix="recreate it with `xbackend baseline create`")
     for label, t in baseline["traces"].items():
         for run in t["runs"]:
             where = inside(path, f"{t['dir']}/{run}", f"baseline.json's trace path of {label}")
@@ -189,7 +207,12 @@ def request_from_baseline(baseline: dict, path: Path, *, model: str | None, seed
     """The `compare` request that repeats the baseline; a model or setting that differs is bad input."""
     from .capture.models import resolve_model
 
-    want = resolve_model(model or baseline["model"]["name"])
+    named = baseline["model"]["name"]
+    if model is None and named != "tiny":  # a path or hf:// name from an untrusted file is never loaded
+        raise XBackendError(f"Baseline {path} names its model {clean(named)[:120]!r}; xbackend loads or downloads "
+                            "no model a baseline names, only the bundled tiny one",
+                            fix=f"pass --model with that checkpoint (its digest must be {baseline['model']['digest']})")
+    want = resolve_model(model or named)
     if want.digest != baseline["model"]["digest"]:
         raise XBackendError(
             f"Baseline {path} was made with model {baseline['model']['name']!r} (digest {baseline['model']['digest']}), "
@@ -216,14 +239,16 @@ def recorded_run(baseline: dict, base_dir: Path, run_dir: Path) -> CompareReport
     if not file.is_file():
         raise XBackendError(f"No report.json in {run_dir}", asked="--run takes a run directory written by "
                             "`xbackend compare` or `xbackend check --out`", fix="pass such a directory, or drop --run")
+    from .store.files import load_json
+
+    report = load_json(file, "report.json", "pass a run directory written by `xbackend compare` or `xbackend check --out`")
     try:
-        report = json.loads(file.read_text())
         r = report["request"]
         got = {"backends": list(r["backends"]), "model digest": r["model_digest"], "prompt digest": r["prompt"]["digest"],
                "seed": r["seed"], "steps": r["steps"], "repeats": r["repeats"], "alignment": r["alignment"],
                "sampling settings": SamplingSettings.from_dict(r["settings"])}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise XBackendError(f"{file} is not a report of `xbackend compare` ({type(exc).__name__}: {exc})",
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise XBackendError(f"{file} is not a report of `xbackend compare` ({type(exc).__name__}: {clean(exc)[:120]})",
                             fix="pass a run directory written by `xbackend compare` or `xbackend check --out`") from None
     want = {"backends": list(baseline["backends"]), "model digest": baseline["model"]["digest"],
             "prompt digest": baseline["prompt"]["digest"], "seed": baseline["seed"], "steps": baseline["steps"],
@@ -274,7 +299,7 @@ def tokens_check(label: str, base: Trace, fresh: Trace) -> CheckResult:
     figures = {"steps": n, "baseline_steps": base.steps}
     if found is None and fresh.steps >= base.steps:
         return CheckResult(label, "tokens", "pass",
-                           f"{label}: tokens: portable tokens identical to the baseline's over {n} steps", figures)
+                           f"{label}: tokens: portable tokens identical to the baseline's over {count(n, 'step')}", figures)
     if found is None:
         return CheckResult(label, "tokens", "fail", f"{label}: tokens: the portable run stopped at step {fresh.steps} "
                            f"of the baseline's {base.steps}", figures)
@@ -320,7 +345,9 @@ def repeatability_check(label: str, expected: dict | None, got: Repeatability | 
 
 def backend_checks(label: str, baseline: dict, base_dir: Path, report: CompareReport, run_dir: Path,
                    tolerances: dict[str, float]) -> list[CheckResult]:
-    entry = next(b for b in report.backends if b["name"] == label)
+    entry = next((b for b in report.backends if b["name"] == label), None)
+    if entry is None:
+        return [CheckResult(label, "run", "fail", f"{label}: run: the run has no backend {label}")]
     if entry["status"] != "ok":
         return [CheckResult(label, "run", "fail", f"{label}: run: {entry['status']} ({entry['error']})")]
     t = baseline["traces"][label]

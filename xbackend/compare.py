@@ -28,11 +28,12 @@ from .store.claim import Claim, claim
 from .capture.prompt import Prompt, load_prompt
 from .results import CompareReport, Repeatability, Verdict, exit_code
 from .store.rundir import (ARBITER, FORCED, JOBS, PORTABLE, PROMPT_CODES, REPORT_JSON, TRACES, backend_dir,
-                     clear_previous_run, load_partial, native, safe_name, unique_labels)
+                           clear_previous_run, distinct_dirs, load_partial, native, safe_name, unique_labels)
 from .samplers import parse_mode
 from .spec import parse_spec, parse_specs
 from .tolerances import tolerance
-from .store.trace import Trace, write_bytes_atomic, write_json_atomic
+from .store.files import write_file, write_json
+from .store.trace import Trace
 from .analysis.words import run_words, trace_text
 from .capture.worker import RunOutcome, prepare_worker, request_to_json, run_worker
 
@@ -135,7 +136,7 @@ def run_compare(req: CompareRequest, out: str | Path, on_event: EventFn | None =
     free_run_sampler(req)  # a sampler the free runs cannot use is bad input, found before anything runs
     for spec in specs:
         create_backend(spec)  # a spec no backend takes (cpu:gpu, mlx:fp64) is bad input, found before --out is touched
-    labels = unique_labels([str(s) for s in specs])
+    labels = distinct_dirs(unique_labels([str(s) for s in specs]))
     # the first worker imports its libraries and loads the model while the prompt is encoded
     # (not with plugins: one may replace the very spec, and the worker loads them only with its job)
     preload = None if req.plugins else (req.model, req.model_config)
@@ -181,7 +182,7 @@ def save_codes(out: Path, codes: np.ndarray) -> str:
     """The prompt codes every worker reads, as `out/prompt_codes.npy` (atomic, through no link)."""
     buf = io.BytesIO()
     np.save(buf, codes, allow_pickle=False)
-    write_bytes_atomic(out / PROMPT_CODES, buf.getvalue())
+    write_file(out / PROMPT_CODES, buf.getvalue())
     return str(out / PROMPT_CODES)
 
 
@@ -253,15 +254,16 @@ def _run_backends(req: CompareRequest, out: Path, model: ModelRef, prompt, base:
         entry["env"] = trace.meta.get("env") if trace is not None else None
     reader.pool.shutdown(wait=False)  # every trace it read is in `runs` by now
     report = build_report(req, model, prompt, labels, backends, runs, arbiter, arbiter_trace)
-    report = replace(report, words=run_words({label: named_runs(r) for label, r in runs.items()}, labels[0]),
+    report = replace(report, words=run_words({label: named_runs(r) for label, r in runs.items()}, labels[0],
+                                         model.tokenizer),
                      timing=timing(runs, time.perf_counter() - started, arbiter_trace, workers_s))
-    write_json_atomic(out / REPORT_JSON, report.to_dict())  # before any optional stage: a late failure loses nothing
+    write_json(out / REPORT_JSON, report.to_dict())  # before any optional stage: a late failure loses nothing
     if audio is not None:
         codec = {"spec": req.codec, "used_for": "decoding each backend's audio tokens to audio/*.wav",
                  **describe_codec(model.codec or tiny_codec())}
         report = replace(report, audio=audio.results(runs), codec=codec,
                          timing=timing(runs, time.perf_counter() - started, arbiter_trace, workers_s))
-        write_json_atomic(out / REPORT_JSON, report.to_dict())
+        write_json(out / REPORT_JSON, report.to_dict())
     return report
 
 
@@ -502,7 +504,7 @@ def _repeat(req: CompareRequest, out: Path, on_event: EventFn | None, spec, mode
                           sum(bool(np.array_equal(t.tokens, traces[0].tokens)) for t in traces),
                           tuple(_run_digest(t) for t in traces),
                           tuple(repeat_words(model, traces, out, req.decode_audio)))
-    write_json_atomic(out / "repeat.json", result.to_dict())
+    write_json(out / "repeat.json", result.to_dict())
     return result
 
 

@@ -28,7 +28,7 @@ from .samplers import Sampler, SamplingSettings
 from .store import validate
 from .store.claim import inside
 from .store.rundir import FORCED, NATIVE_0, PROMPT_CODES, REPORT_JSON, RunDir, load_run, unique_labels
-from .store.trace import write_json_atomic
+from .store.files import write_json
 from .tolerances import tolerance
 
 DEFAULT_WINDOW = 4
@@ -173,7 +173,7 @@ def save_entry(run: RunDir, label: str, entry: dict) -> None:
     old = located.get(label, {}).get("sentence") if isinstance(located.get(label), dict) else None
     verdicts = tuple(_without(v, old) if v.backend == label else v for v in run.report.verdicts)
     located[label] = entry
-    write_json_atomic(run.path / REPORT_JSON, replace(run.report, verdicts=verdicts, locate=located).to_dict())
+    write_json(run.path / REPORT_JSON, replace(run.report, verdicts=verdicts, locate=located).to_dict())
 
 
 def _without(verdict, sentence: str | None):

@@ -337,3 +337,21 @@ class CompareReport:
         except (KeyError, TypeError, ValueError) as exc:
             raise XBackendError(f"report is missing or has a malformed field ({type(exc).__name__}: {exc})",
                                 fix="run xbackend compare again") from None
+
+
+def count(n, noun: str) -> str:
+    """`1 step`, `3 steps`: a number with its noun, in words a reader expects."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def plain(value, none: str = "none") -> str:
+    """A value as prose: null as `none`, booleans as yes/no, a mapping as `key value, ...` (no Python reprs)."""
+    if value is None:
+        return none
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {plain(v, none)}" for k, v in value.items()) or none
+    if isinstance(value, (list, tuple)):
+        return ", ".join(plain(v, none) for v in value) or none
+    return str(value)

@@ -26,7 +26,6 @@ config or alignment.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -82,24 +81,12 @@ def tolerance(tier_a: str, tier_b: str = "fp32", overrides: dict[str, float] | N
     return max(table[tier_a], table[tier_b])
 
 
-def load_tolerances(path: str | Path, defaults: dict[str, float] = CHECK_TOLERANCES) -> dict[str, float]:
-    """`defaults` with the `[tolerances]` table of a TOML file on top (tiers only, non-negative numbers)."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise XBackendError("Reading a tolerances file needs Python 3.11+ or the tomli package",
-                                fix="pip install tomli") from None
-    path = Path(path)
-    if not path.is_file():
-        raise XBackendError(f"Tolerances file {path} does not exist", fix="pass an existing TOML file to --tolerances")
-    example = "[tolerances] then one line per tier, e.g. fp32 = 1e-5"
-    try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise XBackendError(f"Tolerances file {path} is not valid TOML ({exc})", fix=f"write {example}") from None
+TOLERANCES_EXAMPLE = "[tolerances] then one line per tier, e.g. fp32 = 1e-5"
+
+
+def tolerance_table(data: dict, path, defaults: dict[str, float] = CHECK_TOLERANCES) -> dict[str, float]:
+    """`defaults` with the `[tolerances]` table of a parsed TOML file on top (tiers only, non-negative numbers)."""
+    example = TOLERANCES_EXAMPLE
     for key in data:
         if key != "tolerances":
             raise XBackendError(f"Unknown key {key!r} in tolerances file {path}",
@@ -112,7 +99,8 @@ def load_tolerances(path: str | Path, defaults: dict[str, float] = CHECK_TOLERAN
         if key not in defaults:
             raise XBackendError(f"Unknown key {key!r} in tolerances file {path}",
                                 asked=f"tiers are {', '.join(defaults)}", fix=f"write {example}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e300 \
+                or not math.isfinite(value):
             raise XBackendError(f"Tolerance {key!r} in {path} is {value!r}, not a non-negative number",
                                 fix=f"write a number, e.g. {key} = {defaults[key]:g}")
         out[key] = float(value)

@@ -26,7 +26,7 @@ from ..errors import XBackendError
 from .knobs import compile_difference
 from .metrics import (METRICS, StepMetrics, Summary, bitwise_equal_steps, drift_explains, finite_or_none,
                       first_token_divergence, step_metrics, summarize)
-from ..results import Point, exit_code, where
+from ..results import Point, count, exit_code, where
 from ..samplers import SamplingSettings, describe_identity, shares_sampler
 from ..tolerances import tier_of, tolerance
 from ..store.trace import Trace, load_trace, logical_dtype
@@ -232,7 +232,7 @@ class DiffResult:
             d = self.first_divergence
             return ("Logits not compared (a token trace has none); "
                     + ("no token differs." if d is None else f"tokens first differ at {where(Point(d.step, d.stream))}."))
-        size = f"max |Δlogit| {self.max_abs:.3g} over {self.steps_compared} steps with identical inputs"
+        size = f"max |Δlogit| {self.max_abs:.3g} over {count(self.steps_compared, 'step')} with identical inputs"
         state = (f"within the tolerance of {self.tolerance:g}" if self.within_tolerance else
                  f"BEYOND the tolerance of {self.tolerance:g}")
         if self.first_divergence is None:

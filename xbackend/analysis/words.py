@@ -57,16 +57,18 @@ def _open(path: str, digest: str | None) -> TextTokenizer | None:
     return tokenizer if digest is None or tokenizer.digest == digest else None
 
 
-def tokenizer_for(meta: Mapping, explicit: str | Path | None = None) -> TextTokenizer | None:
-    """The tokenizer a trace's model had, if it is still where the trace says (same digest), or the
-    bundled one for the bundled model; `explicit` (the user's file) is taken as it is."""
+def tokenizer_for(meta: Mapping, explicit: str | Path | None = None, known: Path | None = None) -> TextTokenizer | None:
+    """The tokenizer a trace's model had: the bundled one, or `known` (the tokenizer of the model the
+    user named on the command line), whichever has the digest the trace records; `explicit` (the
+    user's file) is taken as it is. The path a trace records is never opened: a trace is untrusted,
+    and its path could name any file (a FIFO, /proc/kmsg)."""
     if explicit is not None:
         return _open(str(explicit), None)
     model = meta.get("model") if isinstance(meta.get("model"), Mapping) else {}
     recorded = model.get("tokenizer") if isinstance(model.get("tokenizer"), Mapping) else {}
-    digest, path = recorded.get("digest"), recorded.get("path")
+    digest = recorded.get("digest")
     if isinstance(digest, str) and digest:
-        for candidate in ([path] if isinstance(path, str) else []) + [str(BUNDLED)]:
+        for candidate in ([str(known)] if known is not None else []) + [str(BUNDLED)]:
             found = _open(candidate, digest)
             if found is not None:
                 return found
@@ -120,7 +122,16 @@ def first_difference(a: Trace, b: Trace) -> tuple[int, str] | None:
     return None if a.steps == b.steps else (n, None)
 
 
-def run_words(runs: Mapping[str, Mapping[str, Trace | None]], reference: str) -> dict:
+def no_words_reason() -> str:
+    """Why a run shows no words, in the terms of the fix."""
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        return "sentencepiece is not installed (pip install sentencepiece)"
+    return "no text tokenizer for this model"
+
+
+def run_words(runs: Mapping[str, Mapping[str, Trace | None]], reference: str, known: Path | None = None) -> dict:
     """Words of every run of a compare, each marked where it parts from the run it is compared with.
 
     `runs` maps backend label -> run name (`native-0`, `portable`, `forced`, ...) -> trace. A
@@ -134,7 +145,7 @@ def run_words(runs: Mapping[str, Mapping[str, Trace | None]], reference: str) ->
         for name, trace in named.items():
             if trace is None:
                 continue
-            found = tokenizer_for(trace.meta)
+            found = tokenizer_for(trace.meta, known=known)
             tokenizer = tokenizer or found
             against_name = "portable" if name == "portable" else "native-0"
             yardstick = ref.get(against_name)
@@ -172,5 +183,5 @@ def audio_digest(samples: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
-__all__ = ["MARK", "TextTokenizer", "audio_digest", "first_difference", "join", "pieces", "run_words", "shorten",
-           "skipped_ids", "tokenizer_for", "trace_text"]
+__all__ = ["MARK", "TextTokenizer", "audio_digest", "first_difference", "join", "no_words_reason", "pieces",
+           "run_words", "shorten", "skipped_ids", "tokenizer_for", "trace_text"]

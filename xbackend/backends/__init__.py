@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -57,16 +58,18 @@ def load_entry_points() -> None:
 
 def load_plugin(path: str | Path) -> None:
     """Execute a plugin file; it registers backends by calling `xbackend.register_backend`."""
+    from ..store.files import regular_file
+
     path = Path(path)
-    if not path.is_file():
-        raise XBackendError(f"Plugin file {path} does not exist", fix="pass --plugin FILE.py")
+    regular_file(path, "Plugin file", "pass --plugin FILE.py", follow=True)
     if path.suffix != ".py":
         raise XBackendError(f"Plugin {path} is not a Python file", fix="pass --plugin FILE.py")
     spec = importlib.util.spec_from_file_location(f"xbackend_plugin_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     try:
-        spec.loader.exec_module(module)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries results (--json) and worker events only
+            spec.loader.exec_module(module)
     except SystemExit as exc:  # a plugin may not end the command (exit 0 with nothing done)
         raise XBackendError(f"Plugin {path} called sys.exit({exc.code!r}) while loading",
                             fix="register backends in the plugin; do not exit") from None

@@ -113,6 +113,20 @@ def require_safetensors(path: Path, what: str = "checkpoint") -> None:
         raise XBackendError(f"Refusing {what} {path}: only .safetensors files are loaded",
                             asked="other formats (.bin, .pt, .ckpt) are pickles, which can run code when loaded",
                             fix="convert it to safetensors (safetensors.torch.save_file) and pass that file")
+    import os
+    import stat
+
+    from ..store.files import kind_of_mode
+
+    try:
+        mode = os.stat(path).st_mode  # a link the user gave (a Hugging Face cache) is theirs to follow
+    except FileNotFoundError:
+        return  # said where it is looked for
+    except OSError as exc:
+        raise XBackendError(f"Cannot read {what} {path} ({exc.strerror})", fix="pass a readable .safetensors file") from None
+    if not stat.S_ISREG(mode):
+        raise XBackendError(f"{what} {path} is not a regular file (it is {kind_of_mode(mode)})",
+                            fix="pass a .safetensors file")
 
 
 def safetensors_header(path: Path, what: str = "checkpoint") -> dict:
@@ -131,7 +145,9 @@ def safetensors_header(path: Path, what: str = "checkpoint") -> dict:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > min(MAX_HEADER_BYTES, size - 8):
                 raise bad(f"its header claims {n} bytes, but the file has {size}: not a safetensors file, or truncated")
-            header = json.loads(f.read(n))
+            from ..store.files import parse_json
+
+            header = parse_json(f.read(n), f"the header of {path}", "", expect=None)
     except XBackendError:
         raise
     except (OSError, ValueError, struct.error, RecursionError) as exc:
@@ -221,16 +237,10 @@ def to_published_layout(state: dict, concatenate: Callable = np.concatenate) -> 
 
 
 def _read_raw_config(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise XBackendError(f"Model config {path} does not exist",
-                            fix="pass the config.json holding the LMModel arguments") from None
-    except OSError as exc:
-        raise XBackendError(f"Cannot read model config {path} ({exc.strerror or exc})",
-                            fix="pass the config.json holding the LMModel arguments") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise XBackendError(f"Model config {path} is not valid UTF-8 JSON ({str(exc)[:120]})") from None
+    from ..store.files import load_json
+
+    data = load_json(path, "Model config", "pass the config.json holding the LMModel arguments", expect=None,
+                     follow=True)
     if not isinstance(data, dict) or "dep_q" not in data or "delays" not in data:
         raise XBackendError(f"Model config {path} is not a Moshi LM config",
                             asked="expected the LMModel keyword arguments (dim, n_q, dep_q, card, "
@@ -415,11 +425,10 @@ def _local_codec(directory: Path) -> CodecRef | None:
         cfg = directory / "codec" / "config.json"
         config = None
         if cfg.is_file():
-            try:
-                config = json.loads(cfg.read_text())
-            except (OSError, ValueError, RecursionError) as exc:
-                raise XBackendError(f"Codec config {cfg} is not valid UTF-8 JSON ({str(exc)[:120]})",
-                                    fix="pass the config.json that belongs to the codec") from None
+            from ..store.files import load_json
+
+            config = load_json(cfg, "Codec config", "pass the config.json that belongs to the codec", expect=None,
+                               follow=True)
         return CodecRef(directory / "codec" / "model.safetensors", config)
     if (directory / MIMI_NAME).is_file():
         return CodecRef(directory / MIMI_NAME, None)
@@ -452,7 +461,10 @@ def _from_hub(name: str, config: str | None) -> ModelRef:
         cfg_path = Path(config) if config else None
         if cfg_path is None and "config.json" in files:
             cfg_path = Path(hf_hub_download(repo, "config.json"))
-        raw = json.loads(cfg_path.read_text()) if cfg_path else dict(MOSHI_7B_CONFIG)
+        from ..store.files import load_json
+
+        raw = load_json(cfg_path, "Model config", "pass --model-config", expect=None, follow=True) if cfg_path \
+            else dict(MOSHI_7B_CONFIG)
         if not isinstance(raw, dict):
             raise XBackendError(f"Config of {repo} is not a JSON object")
         weights_name = filename or raw.get("moshi_name") or next(

@@ -3,7 +3,9 @@
 `compare`, `repeat` and `check` start one worker per backend, so a crash, a hang or a NaN in
 one backend cannot take the others down. A worker loads its model once and runs every run of its
 job on it (native repeats, portable, forced, arbiter: any list of requests). It reports on stdout,
-one JSON object a line: `start`, `step`, `done` or `failed` for each run.
+one JSON object a line: `start`, `step`, `done` or `failed` for each run. The events go out on the
+process's original stdout, which the worker takes for itself at start: fd 1 then points at stderr, so
+whatever a plugin or library prints (at import, in a hook) can never pass for an event.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import XBackendError
-from ..store.trace import write_bytes_atomic
+from ..store.files import write_file
 
 STEP_EVERY = 0.25  # seconds between step events, so progress bars move without flooding the pipe
 
@@ -34,9 +36,23 @@ class RunOutcome:
     exit_code: int = 0
 
 
-def emit(**event) -> None:
-    sys.stdout.write(json.dumps(event) + "\n")
+_EVENTS = None  # the protocol stream, once take_stdout() has run
+
+
+def take_stdout() -> None:
+    """Keep the original stdout for events only and point fd 1 (and so sys.stdout) at stderr."""
+    global _EVENTS
+    import os
+
     sys.stdout.flush()
+    _EVENTS = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+
+
+def emit(**event) -> None:
+    out = _EVENTS or sys.stdout
+    out.write(json.dumps(event) + "\n")
+    out.flush()
 
 
 def request_to_json(req) -> dict:
@@ -136,7 +152,7 @@ def run_worker(job: dict, job_file: Path, timeout: float,
     """Run `job` in a worker process (`prepared` by `prepare_worker`, or a new `python -m module
     JOBFILE`, speaking the events above); each run gets `timeout` seconds, after which the process
     is killed."""
-    write_bytes_atomic(job_file, json.dumps(job, indent=2).encode())
+    write_file(job_file, json.dumps(job, indent=2).encode())
     if prepared is not None and prepared.poll() is None:
         proc = prepared
         try:
@@ -152,32 +168,36 @@ def run_worker(job: dict, job_file: Path, timeout: float,
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
     threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
     outcomes: dict[str, RunOutcome] = {}
-    current, deadline = None, None
+    names = {r["name"] for r in job["runs"]}
+    # `timeout` also bounds the time before the first run starts (plugins loading) and between runs
+    current, deadline = None, time.monotonic() + timeout
     while True:
-        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            line = lines.get(timeout=wait)
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             proc.kill()
-            outcomes[current] = RunOutcome(current, _out(job, current), "timeout",
-                                           f"timed out after {timeout:g} s (no end of run)", 3)
+            stuck = current or next((r["name"] for r in job["runs"] if r["name"] not in outcomes), None)
+            if stuck is not None:
+                why = "no end of run" if current else "no run started: the worker hung loading plugins or libraries"
+                outcomes[stuck] = RunOutcome(stuck, _out(job, stuck), "timeout", f"timed out after {timeout:g} s ({why})", 3)
             current = None
             break
         if line is None:
             break
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue  # a library printing to stdout: not ours
-        name = event.get("name")
-        if event.get("event") == "start":
+        event = _event(line)
+        if event is None or event["name"] not in names:
+            continue  # not an event of this job
+        name = event["name"]
+        if event["event"] == "start":
             current, deadline = name, time.monotonic() + timeout
-        elif event.get("event") == "done":
+        elif event["event"] == "done":
             outcomes[name] = RunOutcome(name, _out(job, name), "ok")
-            current, deadline = None, None
-        elif event.get("event") == "failed":
-            outcomes[name] = RunOutcome(name, _out(job, name), "failed", event.get("error"), event.get("exit_code", 3))
-            current, deadline = None, None
+            current, deadline = None, time.monotonic() + timeout
+        elif event["event"] == "failed":
+            code = event.get("exit_code")
+            outcomes[name] = RunOutcome(name, _out(job, name), "failed", str(event.get("error"))[:2000],
+                                        code if isinstance(code, int) and not isinstance(code, bool) else 3)
+            current, deadline = None, time.monotonic() + timeout
         if on_event:
             on_event(event)
     proc.wait()
@@ -202,6 +222,18 @@ def run_worker(job: dict, job_file: Path, timeout: float,
     return result
 
 
+def _event(line: str) -> dict | None:
+    """One protocol line as an event: an object with a known `event` and a string `name`, else None."""
+    try:
+        event = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(event, dict) or event.get("event") not in ("start", "step", "done", "failed") \
+            or not isinstance(event.get("name"), str):
+        return None
+    return event
+
+
 def _death(returncode: int | None) -> str:
     """How a worker process ended, in words: `killed by SIGKILL`, `exited with code 0`."""
     if returncode is not None and returncode < 0:
@@ -217,4 +249,5 @@ def _out(job: dict, name: str) -> str:
 
 
 if __name__ == "__main__":
+    take_stdout()
     sys.exit(worker_main(*_wait_for_job(*sys.argv[2:5])) if sys.argv[1] == "--wait" else worker_main(sys.argv[1]))

@@ -15,7 +15,9 @@ from typer.core import TyperCommand, TyperGroup
 
 from ..capture.run import DEFAULT_SEED
 from ..errors import XBackendError
+from ..results import count, plain
 from ..samplers import SamplingSettings
+from ..store.files import clean, write_text
 
 METAVARS = {"Path": "PATH", "str": "TEXT", "int": "INTEGER", "float": "NUMBER"}
 
@@ -111,14 +113,40 @@ def settings_options(temp_text: Optional[float], top_k_text: Optional[int], temp
     return replace(default_settings(parse_mode(sampler)[0]), **{k: v for k, v in given.items() if v is not None})
 
 
+def say(text: str = "", err: bool = False) -> None:
+    """Print one block of output: untrusted text in it (names, paths, errors read from files) cannot
+    drive the terminal (ESC, BEL, CR and other control characters are shown escaped)."""
+    typer.echo(clean(text, lines=True), err=err)
+
+
+def esc(value) -> str:
+    """An untrusted value inside rich markup: its brackets are literal, its control characters escaped."""
+    from rich.markup import escape
+
+    return escape(clean(value))
+
+
+def apart(json_out: Optional[Path], *inputs: Path) -> None:
+    """--json-out must not replace a file of the directories a command reads."""
+    import os
+
+    if json_out is None:
+        return
+    target = os.path.realpath(json_out)
+    for d in inputs:
+        if d is not None and (target + os.sep).startswith(os.path.realpath(d) + os.sep):
+            raise XBackendError(f"--json-out {json_out} is inside {d}, which this command reads",
+                                fix="write the JSON outside the directory, e.g. --json-out result.json")
+
+
 def emit(data: dict | list, as_json: bool, json_out: Optional[Path], text: Callable[[], None]) -> None:
     """The one way a command hands over its result: JSON on stdout (`--json`), into a file
     (`--json-out FILE`), and the text output unless `--json` replaced it."""
     dumped = json.dumps(json_safe(data), indent=2, default=str, allow_nan=False)
     if json_out is not None:
-        json_out.write_text(dumped + "\n")
+        write_text(json_out, dumped + "\n")
     if as_json:
-        typer.echo(dumped)
+        say(dumped)
     else:
         text()
 
@@ -142,7 +170,7 @@ def version_callback(value: bool) -> None:
     if value:
         from ..env import __version__
 
-        typer.echo(f"xbackend {__version__}")
+        say(f"xbackend {__version__}")
         raise typer.Exit(0)
 
 
@@ -160,16 +188,36 @@ def friendly(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except XBackendError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            say(f"error: {clean(exc)}", err=True)
             raise typer.Exit(exc.exit_code)
+        except BrokenPipeError:  # `xbackend ... | head`: the reader left; nothing more to say, to anyone
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141)
+        except MemoryError:
+            say("error: out of memory. Fix: pass fewer --steps, a smaller model, or free memory.", err=True)
+            raise typer.Exit(2)
         except OSError as exc:  # an unwritable --out, a full disk: the user's to fix
-            typer.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}. Fix: choose a writable path.", err=True)
+            say(f"error: {clean(os_error(exc))}", err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
+            say("interrupted", err=True)
             raise typer.Exit(130)
 
     return wrapper
+
+
+def os_error(exc: OSError) -> str:
+    """An OSError as the user's fix: memory and disk are not output paths."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno == errno.ENOMEM:
+        return f"out of memory{where}. Fix: pass fewer --steps, a smaller model, or free memory."
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the disk{where}. Fix: free space, or pass an --out on a larger disk."
+    return f"{exc.strerror or exc}{where}. Fix: choose a writable path."
 
 
 def load_plugins(plugins: Optional[List[Path]]) -> None:
@@ -213,11 +261,11 @@ def backends(plugin: Optional[List[Path]] = PLUGIN_OPT, as_json: bool = JSON_OPT
 
         table = Table(title="xbackend backends")
         for col in ("spec", "library", "available", "device", "versions"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for row in rows:
             cells = (row["spec"], row["library"], "yes" if row["available"] else f"no: {row['reason']}",
                      row["device"], row["versions"])
-            table.add_row(*map(escape, cells))
+            table.add_row(*(escape(clean(c)) for c in cells))
         Console().print(table)
 
     emit({"schema": "xbackend.backends/1", "backends": rows}, as_json, json_out, text)
@@ -261,7 +309,7 @@ def capture(
             "status": meta.get("status"), "sampler": meta["sampler"], "settings": meta["settings"],
             "seed": meta["seed"], "ms_per_step": meta.get("ms_per_step"),
             "first_step_ms": meta.get("first_step_ms"), "effective": meta.get("effective")}
-    emit(data, as_json, json_out, lambda: typer.echo(
+    emit(data, as_json, json_out, lambda: say(
         f"{trace.steps} steps of {backend} ({meta['sampler']['mode']}) written to {out} "
         f"at {meta.get('ms_per_step')} ms/step"))
 
@@ -298,38 +346,39 @@ def print_verdicts(report) -> None:
 
     from ..results import where
 
-    console = Console()
+    console = Console(highlight=False, emoji=False)
     if report.reference_warning:
-        console.print(f"[bold red]Warning:[/bold red] {report.reference_warning}.")
+        console.print(f"[bold red]Warning:[/bold red] {esc(report.reference_warning)}.")
     for b in report.backends:
         if b["status"] != "ok":
-            console.print(f"[red]{b['name']}: {b['status']}[/red] - {b['error']}")
+            console.print(f"[red]{esc(b['name'])}: {esc(b['status'])}[/red] - {esc(b['error'])}")
     for n in report.not_diagnosed:
-        console.print(f"[yellow]{n['backend']}: not diagnosed[/yellow] - {n['reason']}")
+        console.print(f"[yellow]{esc(n['backend'])}: not diagnosed[/yellow] - {esc(n['reason'])}")
     arbiter = report.arbiter or {}
     if arbiter.get("status") not in (None, "ok", "off"):
-        console.print(f"[yellow]arbiter {arbiter.get('spec')}: {arbiter['status']}[/yellow] - {arbiter.get('error')}")
-    table = Table(title=f"xbackend compare (reference: {report.reference})")
+        console.print(f"[yellow]arbiter {esc(arbiter.get('spec'))}: {esc(arbiter['status'])}[/yellow] - "
+                      f"{esc(arbiter.get('error'))}")
+    table = Table(title=f"xbackend compare (reference: {esc(report.reference)})")
     for col in ("backend", "verdict", "first div.", "forced max |Δ| / tol", "portable / native div.",
                 "to arbiter (median)"):
-        table.add_column(col, no_wrap=col in ("backend", "verdict"))
+        table.add_column(col, overflow="fold")
     for v in report.verdicts:
         f = v.figures
         drift = f"{f['forced_max_abs']:.2g} / {f['tolerance']:g}" if f.get("forced_max_abs") is not None else "-"
         a = f.get("arbiter")
         arb = "-" if not a else "refused" if a.get("refused") else f"{a['backend_median']:.2g} vs {a['reference_median']:.2g}"
         label = "[green]expected[/green]" if v.expected else "[red]needs attention[/red]"
-        table.add_row(v.backend, f"{v.verdict}\n{label}", where(v.first_divergence, short=True), drift,
-                      f"{where(f.get('portable_divergence'), short=True)} / {where(f.get('native_divergence'), short=True)}",
-                      arb)
+        table.add_row(esc(v.backend), f"{esc(v.verdict)}\n{label}", esc(where(v.first_divergence, short=True)), drift,
+                      esc(f"{where(f.get('portable_divergence'), short=True)} / "
+                          f"{where(f.get('native_divergence'), short=True)}"), arb)
     console.print(table)
     for v in report.verdicts:
-        console.print(f"[bold]{v.backend}[/bold] ({v.verdict}, {v.label}): {v.explanation}")
+        console.print(f"[bold]{esc(v.backend)}[/bold] ({esc(v.verdict)}, {esc(v.label)}): {esc(v.explanation)}")
         located = (report.locate or {}).get(v.backend) or {}
         if located.get("sentence") or located.get("error"):
-            console.print(f"  located: {located.get('sentence') or 'not located: ' + str(located.get('error'))}")
+            console.print("  located: " + esc(located.get('sentence') or 'not located: ' + str(located.get('error'))))
         if v.secondary:
-            console.print("  also: " + "; ".join(str(s) for s in v.secondary))
+            console.print("  also: " + esc("; ".join(str(s) for s in v.secondary)))
     print_advisories(report.advisories)
     print_words(report.words)
 
@@ -337,7 +386,7 @@ def print_verdicts(report) -> None:
 def print_advisories(found) -> None:
     """Known issues matching the fingerprints read (xbackend.advisories), one line each."""
     for m in found:
-        typer.echo(f"known issue: {m['backend']}: {m['text']}")
+        say(f"known issue: {m['backend']}: {m['text']}")
 
 
 def print_words(words: Optional[dict]) -> None:
@@ -347,16 +396,19 @@ def print_words(words: Optional[dict]) -> None:
     if not words or not words.get("runs"):
         return
     if words.get("tokenizer") is None:
-        typer.echo("words: none (the model has no text tokenizer; a checkpoint directory may hold "
-                   "tokenizer_spm_32k_3.model, or config.json may name it as tokenizer_name)")
+        from ..analysis.words import no_words_reason
+
+        reason = no_words_reason()
+        say(f"words: none ({reason}" + ("; a checkpoint directory may hold tokenizer_spm_32k_3.model, or config.json "
+                                        "may name it as tokenizer_name)" if reason.startswith("no text") else ")"))
         return
-    typer.echo(f"words ({words['tokenizer']['name']}; {words['mark']} marks the first step where a run's tokens "
+    say(f"words ({words['tokenizer']['name']}; {words['mark']} marks the first step where a run's tokens "
                "differ from the run named after it):")
     width = max(len(r["backend"]) for r in words["runs"])
     for r in words["runs"]:
         against = f"  (vs {r['against']}" + (f", step {r['first_divergence']['step']})" if r["first_divergence"]
                                              else ", no difference)") if r["against"] else ""
-        typer.echo(f"  {r['backend']:<{width}} {r['run']:<9} {shorten(r['marked']) or '(no words)'}{against}")
+        say(f"  {r['backend']:<{width}} {r['run']:<9} {shorten(r['marked']) or '(no words)'}{against}")
 
 
 @command()
@@ -411,11 +463,13 @@ def compare(
             typer.echo(report.context["note"])
         t = report.timing
         if report.codec:
-            typer.echo(f"audio decoded with codec {report.codec['spec']} into {out / 'audio'}")
-        typer.echo(f"run directory: {out} (report.json, traces/, audio/); took {t['wall_s']:.1f} s, of which "
+            say(f"audio decoded with codec {report.codec['spec']} into {out / 'audio'}")
+        say(f"run directory: {out} (report.json, traces/, audio/); took {t['wall_s']:.1f} s, of which "
                    f"model steps {t['model_steps_s']:.1f} s and {t['loads']} model "
                    f"load{'s' if t['loads'] != 1 else ''} {t['model_load_s']:.1f} s, over {t['runs']} runs")
-        typer.echo("traces: " + ", ".join(f"{label} in {out / path}" for label, path in report.traces.items()))
+        written = [(label, out / path) for label, path in report.traces.items() if (out / path).is_dir()]
+        if written:  # a backend that never ran (unavailable) has no trace directory to point at
+            say("traces: " + ", ".join(f"{label} in {path}" for label, path in written))
 
     emit(report.to_dict(), as_json, json_out, text)
     raise typer.Exit(report.exit_code)
@@ -444,16 +498,16 @@ def locate(
 
 
 def print_located(result) -> None:
-    typer.echo(f"{result.backend} against {result.reference}, steps {result.window[0]}-{result.window[1]}:")
-    typer.echo(result.sentence())
+    say(f"{result.backend} against {result.reference}, steps {result.window[0]}-{result.window[1]}:")
+    say(result.sentence())
     if result.amplifier:
         a = result.amplifier
-        typer.echo(f"amplifier: {a['module']} at step {a['step']} (LEMON score {a['score']:.3g}, after "
+        say(f"amplifier: {a['module']} at step {a['step']} (LEMON score {a['score']:.3g}, after "
                    f"{a['previous'] or 'the input'})")
     for row in [r for r in result.modules if r["over"] or r["isolated_over"]][:8]:
-        typer.echo(f"  over: {row['module']:<40} propagated {row['max_abs']:.3g} (tol {row['tolerance']:.3g}), "
+        say(f"  over: {row['module']:<40} propagated {row['max_abs']:.3g} (tol {row['tolerance']:.3g}), "
                    f"isolated {row['isolated_max_abs']:.3g}")
-    typer.echo(f"took {result.run.get('seconds_total', 0):.1f} s; written to report.json (locate)")
+    say(f"took {result.run.get('seconds_total', 0):.1f} s; written to report.json (locate)")
 
 
 @command()
@@ -467,6 +521,7 @@ def codec(
     timeout: float = TIMEOUT_OPT,
     out: Path = typer.Option(Path("runs/codec"), "--out", "-o", help="Run directory to write."),
     plugin: Optional[List[Path]] = typer.Option(None, "--plugin", metavar="FILE", help="Python file that registers codecs (xbackend.register_codec; repeatable)."),
+    force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
     json_out: Optional[Path] = JSON_OUT_OPT,
 ) -> None:
@@ -478,20 +533,20 @@ def codec(
                        timeout=timeout, plugins=tuple(str(p) for p in plugin or []))
     progress, on_event = run_progress()
     with progress:
-        report = run_codec_stage(req, out, on_event)
+        report = run_codec_stage(req, out, on_event, force=force)
     write_codec_report(out)
 
     def text() -> None:
         from ..codecs.report import summary_lines
 
         for line in summary_lines(report):
-            typer.echo(line)
-        typer.echo(f"run directory: {out} (report.json, report.md, plots/, audio/); took {report['timing']['wall_s']:.1f} s")
+            say(line)
+        say(f"run directory: {out} (report.json, report.md, plots/, audio/); took {report['timing']['wall_s']:.1f} s")
 
     emit(report, as_json, json_out, text)
     for c in report["codecs"]:
         if c["status"] != "ok":
-            typer.echo(f"error: codec {c['name']} {c['status']}: {c['error']}", err=True)
+            say(f"error: codec {c['name']} {c['status']}: {c['error']}", err=True)
     raise typer.Exit(exit_code(report))
 
 
@@ -518,13 +573,13 @@ def diff(
         from rich.console import Console
         from rich.table import Table
 
-        console = Console()
+        console = Console(markup=False, highlight=False, emoji=False)
         for note in data.get("notes", []):
-            console.print(f"note: {note}")
-        table = Table(title=f"{trace_b} against {trace_a} ({data['steps_compared']} of {data['steps_common']} common "
+            console.print(f"note: {clean(note)}")
+        table = Table(title=f"{clean(trace_b)} against {clean(trace_a)} ({data['steps_compared']} of {data['steps_common']} common "
                             "steps with identical inputs)")
         for col in ("stream", "max |Δlogit|", "median", "p99", "RMS max", "KL max", "top-1 agree"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for stream, s in data["summaries"].items():
             table.add_row(stream, _fmt(s["max_abs"]["max"]), _fmt(s["max_abs"]["median"]), _fmt(s["max_abs"]["p99"]),
                           _fmt(s["rms"]["max"]), _fmt(s["kl"]["max"]), _fmt(s["top1"]["mean"]))
@@ -533,7 +588,7 @@ def diff(
         if fd is not None:
             console.print(f"first token divergence: step {fd['step']}, stream {fd['stream']} "
                           f"(|Δlogit| {_fmt(fd.get('max_abs'))}, margins {_fmt(fd.get('margin_a'))} / "
-                          f"{_fmt(fd.get('margin_b'))}, explained by drift: {fd.get('explained')})")
+                          f"{_fmt(fd.get('margin_b'))}, explained by drift: {plain(fd.get('explained'), 'not measured')})")
         if not data["logits_compared"]:
             console.print("logits: not compared (a token trace has none)")
         else:
@@ -582,20 +637,21 @@ def repeat(
 
     def text() -> None:
         rep, n = result.repeatability, result.repeatability.runs
-        typer.echo(f"{backend}: {result.identical_logits_runs}/{n} runs bitwise identical in logits, "
+        say(f"{backend}: {result.identical_logits_runs}/{n} runs bitwise identical in logits, "
                    f"{result.identical_token_runs}/{n} in tokens")
         if rep.first_nondeterministic is not None:
-            typer.echo(f"first nondeterministic: {rep.first_nondeterministic}; run-to-run drift {rep.drift_text()}")
+            say(f"first nondeterministic: {rep.first_nondeterministic}; run-to-run drift {rep.drift_text()}")
         from ..analysis.words import shorten
 
-        typer.echo(f"{result.identical_text_runs}/{n} runs give the same words as run 0, "
+        say(f"{result.identical_text_runs}/{n} runs give the same words as run 0, "
                    f"{result.identical_audio_runs}/{n} the same decoded audio")
         for i, d in enumerate(result.run_digests):
             w = result.words[i] if i < len(result.words) else {}
-            typer.echo(f"  run {i}: {d}  audio {w.get('audio_digest') or '-'}  "
-                       f"{shorten(w.get('text') or '') or '(no words)'}")
+            say(f"  run {i}: trace digest {d}, audio digest {w.get('audio_digest') or '-'}, words: "
+                f"{shorten(w.get('text') or '') or '(none)'}")
+        say(f"traces in {out / 'traces'}, result in {out / 'repeat.json'}")
         for f in result.failures:
-            typer.echo(f"  {f['run']}: {f['status']} - {f['error']}", err=True)
+            say(f"  {f['run']}: {f['status']} - {f['error']}", err=True)
 
     emit(result.to_dict(), as_json, json_out, text)
     raise typer.Exit(result.exit_code)
@@ -609,6 +665,7 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory written by `x
     from ..codecs.report import is_codec_run, write_codec_report
     from ..report import write_report
 
+    apart(json_out, run_dir)
     if is_codec_run(run_dir):  # written by `xbackend codec`
         made = write_codec_report(run_dir)
         codec_data = {"schema": "xbackend.report-files/1", "markdown": str(made.markdown),
@@ -616,10 +673,10 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory written by `x
                       "bundle_bytes": made.bundle_bytes}
 
         def codec_text() -> None:
-            typer.echo(f"report: {made.markdown}")
+            say(f"report: {made.markdown}")
             for plot in made.plots:
-                typer.echo(f"plot: {plot}")
-            typer.echo(f"bundle: {made.bundle} ({made.bundle_bytes / 1e6:.2f} MB)")
+                say(f"plot: {plot}")
+            say(f"bundle: {made.bundle} ({made.bundle_bytes / 1e6:.2f} MB)")
 
         emit(codec_data, as_json, json_out, codec_text)
         return
@@ -632,15 +689,15 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory written by `x
 
     def text() -> None:
         print_advisories(files.advisories)
-        typer.echo(f"report: {files.markdown}")
+        say(f"report: {files.markdown}")
         for plot in files.plots:
-            typer.echo(f"plot: {plot}")
-        typer.echo(f"bundle: {files.bundle} ({files.bundle_bytes / 1e6:.2f} MB; traces trimmed to "
+            say(f"plot: {plot}")
+        say(f"bundle: {files.bundle} ({files.bundle_bytes / 1e6:.2f} MB; traces trimmed to "
                    f"{files.plan.half_width} steps either side of each divergence)")
 
     emit(data, as_json, json_out, text)
     if files.plan.omitted:
-        typer.echo(f"warning: {len(files.plan.omitted)} trimmed traces left out of the bundle to stay under its "
+        say(f"warning: {len(files.plan.omitted)} trimmed traces left out of the bundle to stay under its "
                    "size limit (listed in report.md)", err=True)
 
 
@@ -668,6 +725,8 @@ def check(
     committed traces."""
     from ..check import load_tolerances, run_check
 
+    apart(json_out, baseline, run)
+    apart(junit, baseline, run)
     table = load_tolerances(tolerances) if tolerances else None
     progress, on_event = run_progress()
     with progress:
@@ -677,12 +736,12 @@ def check(
     if junit:
         from ..check import junit_xml
 
-        junit.write_text(junit_xml(result))
+        write_text(junit, junit_xml(result))
 
     def text() -> None:
-        typer.echo(result.summary_table())
+        say(result.summary_table())
         print_advisories(result.advisories)
-        typer.echo(result.explanation)
+        say(result.explanation)
 
     emit(result.to_dict(), as_json, json_out, text)
     raise typer.Exit(result.exit_code)
@@ -717,15 +776,15 @@ def matrix(
                  "-" if c.group is None else str(c.group)] for c in result.cells]
         from ..report.markdown import md_table
 
-        typer.echo(md_table(["machine", "backend", "chip", "cell", "max abs Δlogit", "group"], rows))
+        say(md_table(["machine", "backend", "chip", "cell", "max abs Δlogit", "group"], rows))
         for line in result.answer:
-            typer.echo(line)
+            say(line)
         print_advisories(result.advisories)
         for note in result.notes:
-            typer.echo(f"note: {note}")
+            say(f"note: {note}")
         for what, path in files.items():
-            typer.echo(f"{what}: {path}")
-        typer.echo(result.explanation)
+            say(f"{what}: {path}")
+        say(result.explanation)
 
     emit(data, as_json, json_out, text)
     raise typer.Exit(result.exit_code)
@@ -771,8 +830,8 @@ def baseline_create(
 
     def text() -> None:
         for v in made["expected"]["verdicts"]:
-            typer.echo(f"{v['backend']}: expected verdict {v['verdict']}")
-        typer.echo(f"baseline written to {out} (model {made['model']['name']} {made['model']['digest']}, "
+            say(f"{v['backend']}: expected verdict {v['verdict']}")
+        say(f"baseline written to {out} (model {made['model']['name']} {made['model']['digest']}, "
                    f"{made['steps']} steps, seed {made['seed']})")
 
     emit(made, as_json, json_out, text)
@@ -810,9 +869,9 @@ def print_inspection(trace: Path, against: Optional[Path], plot: Optional[Path],
     from rich.table import Table
 
     at = (data.get("against") or {}).get("first_divergence")
-    table = Table(title=f"{trace} ({result.backend}, {result.sampler}, {result.steps} steps)")
+    table = Table(title=clean(f"{trace} ({result.backend}, {result.sampler}, {result.steps} steps)"))
     for col in ("stream", "entropy (nats, T=1) mean", "min-max", "longest run", "loop from step", "period", "pattern"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for name, d in data["streams"].items():
         run, loop = d["longest_run"], d["loop"]
         table.add_row(name, f"{d['entropy_mean']:.3f}" if d["entropy_mean"] is not None else "-",
@@ -820,26 +879,28 @@ def print_inspection(trace: Path, against: Optional[Path], plot: Optional[Path],
                       f"{run['token']} x{run['length']} @ {run['start']}" if run else "-",
                       str(loop["start"]) if loop else "-", str(loop["period"]) if loop else "-",
                       " ".join(map(str, loop["pattern"])) if loop else "-")
-    Console().print(table)
+    Console(markup=False, highlight=False, emoji=False).print(table)
     pad = data["text_padding"]
     if pad["ratio"] is not None:
-        typer.echo(f"text padding (id {pad['id']}): {pad['ratio']:.1%} of steps (runs and loops of it are ignored)")
-    typer.echo(f"words: {data['text'] or '(none: no text tokenizer for this model, or nothing but padding)'}")
+        say(f"text padding (id {pad['id']}): {pad['ratio']:.1%} of steps (runs and loops of it are ignored)")
+    from ..analysis.words import no_words_reason
+
+    say(f"words: {data['text'] or f'(none: {no_words_reason()}, or nothing but padding)'}")
     if against is not None:
         if at is None:
-            typer.echo(f"no token differs from {against} over {data['against']['steps_compared']} steps")
+            say(f"no token differs from {against} over {count(data['against']['steps_compared'], 'step')}")
         else:
-            typer.echo(f"first divergence from {against}: step {at['step']}, {at['stream']} "
+            say(f"first divergence from {against}: step {at['step']}, {at['stream']} "
                        f"({at['token_a']} vs {at['token_b']}, max |Δlogit| there {_fmt(at['max_abs_there'])})")
             from ..analysis.words import MARK
 
-            typer.echo(f"words ({MARK} marks step {at['step']}):\n  a {data['against']['words']['a'] or '-'}\n"
+            say(f"words ({MARK} marks step {at['step']}):\n  a {data['against']['words']['a'] or '-'}\n"
                        f"  b {data['against']['words']['b'] or '-'}")
-            typer.echo(f"tokens from step {at['step']} on (a: {trace}, b: {against}):")
+            say(f"tokens from step {at['step']} on (a: {trace}, b: {against}):")
             for name, pair in data["against"]["after"].items():
-                typer.echo(f"  {name:7} a {pair['a']}\n  {'':7} b {pair['b']}")
+                say(f"  {name:7} a {pair['a']}\n  {'':7} b {pair['b']}")
     if plot is not None:
-        typer.echo(f"plot: {plot}")
+        say(f"plot: {plot}")
 
 
 @command("import")
@@ -870,6 +931,7 @@ def import_cmd(
     text_vocab: Optional[int] = typer.Option(None, help="Text vocabulary of a token-line log [default: 32000]."),
     audio_vocab: Optional[int] = typer.Option(None, help="Audio vocabulary of a token-line log [default: 2048]."),
     allow_partial: bool = typer.Option(False, help="Import the complete steps of a log that ends inside a step."),
+    force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
     json_out: Optional[Path] = JSON_OUT_OPT,
 ) -> None:
@@ -885,19 +947,19 @@ def import_cmd(
                "audio_layout": audio_layout, "text_vocab": text_vocab, "audio_vocab": audio_vocab,
                "allow_partial": allow_partial or None}
     run = read_run(path, fmt, **options)
-    trace = write_token_trace(run, out)
+    trace = write_token_trace(run, out, force=force)
     data = {"trace": str(out), "format": run.format, "source": run.source, "steps": trace.steps,
             "streams": trace.streams, "vocab": list(trace.meta["vocab"]), "text_seed": run.text_seed,
             "audio_seed": run.audio_seed, "settings": run.settings.__dict__, "settings_from": run.settings_from,
             "acoustic_delay": run.config["acoustic_delay"], "user_codebooks": int(trace.meta["n_inputs"]),
             "unknown_tokens": int((run.tokens < 0).sum()), "transcript": run.transcript, "notes": list(run.notes)}
     def text() -> None:
-        typer.echo(f"imported {trace.steps} steps ({run.format}) from {path} into {out}: {len(trace.streams)} streams, "
-                   f"seeds text {run.text_seed} / audio {run.audio_seed}, settings {run.settings.__dict__} "
+        say(f"imported {trace.steps} steps ({run.format}) from {path} into {out}: {len(trace.streams)} streams, "
+                   f"seeds text {run.text_seed} / audio {run.audio_seed}, settings {plain(run.settings.__dict__)} "
                    f"(from {run.settings_from}), acoustic delay {run.config['acoustic_delay']}, "
                    f"{data['unknown_tokens']} unknown tokens")
         for note in run.notes:
-            typer.echo(f"note: {note}")
+            say(f"note: {note}")
 
     emit(data, as_json, json_out, text)
 
@@ -913,6 +975,7 @@ def replay(
     steps: Optional[int] = typer.Option(None, help="Replay only the first N steps."),
     out: Path = typer.Option(Path("runs/replay"), "--out", "-o", help="Directory for the forced trace, replay.json, report.md."),
     compile_choice: str = COMPILE_OPT,
+    force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
     json_out: Optional[Path] = JSON_OUT_OPT,
     plugin: Optional[List[Path]] = PLUGIN_OPT,
@@ -927,13 +990,14 @@ def replay(
     bar, update = progress_bar(f"replay on {backend}")
     with bar:
         result = run_replay(ReplayRequest(trace=str(trace), backend=backend, model=model, model_config=model_config,
-                                          prompt=prompt, steps=steps, compile=compile_choice), out, progress=update)
+                                          prompt=prompt, steps=steps, compile=compile_choice), out, progress=update,
+                           force=force)
     def text() -> None:
         f = result["first_inconsistency"]
-        typer.echo(f"{result['verdict']}: " + ("consistent through step " + str(result["consistent_through"]) if f is None
+        say(f"{result['verdict']}: " + ("consistent through step " + str(result["consistent_through"]) if f is None
                                                else f"first inconsistency at step {f['step']}, {f['stream']}"))
-        typer.echo(result["explanation"])
-        typer.echo(f"report: {out / 'report.md'}")
+        say(result["explanation"])
+        say(f"report: {out / 'report.md'}")
 
     emit(result, as_json, json_out, text)
     raise typer.Exit(0 if result["verdict"] == "CONSISTENT" else 1)
@@ -951,19 +1015,19 @@ def sessions(
 
     data = survey(directory)
     def text() -> None:
-        typer.echo(f"{data['sessions']} sessions, {data['distinct_sequences']} distinct token sequences"
+        say(f"{data['sessions']} sessions, {data['distinct_sequences']} distinct token sequences"
                    + ("" if data["same_settings"] else " (sampling settings differ between sessions)"))
         for g in data["groups"]:
             part = g["first_parting_from_group_0"]
             where = "" if g["group"] == 0 else (
                 f"; parts from group 0 at step {part['step']}, {part['stream']}" if part and part.get("stream")
                 else f"; {part['why']}" if part else "")
-            typer.echo(f"  group {g['group']}: {g['count']} session(s), {g['steps']} steps{where}: {', '.join(g['sessions'])}")
+            say(f"  group {g['group']}: {g['count']} session(s), {g['steps']} steps{where}: {', '.join(g['sessions'])}")
         for r in data["runs"]:
-            typer.echo(f"  {r['name']}: group {r['group']}, seeds {r['text_seed']}/{r['audio_seed']}, "
-                       f"transcript {r['transcript']!r}")
+            say(f"  {r['name']}: group {r['group']}, seeds {r['text_seed']}/{r['audio_seed']}, "
+                       + (f"transcript {r['transcript']!r}" if r["transcript"] is not None else "no transcript"))
         for s in data["shared_seeds"]:
-            typer.echo(f"  same seeds {s['text_seed']}/{s['audio_seed']}: {', '.join(s['sessions'])}")
+            say(f"  same seeds {s['text_seed']}/{s['audio_seed']}: {', '.join(s['sessions'])}")
 
     emit(data, as_json, json_out, text)
     if data["unreadable"]:
@@ -974,18 +1038,43 @@ def sessions(
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    typer.echo(f"warning: {message}", err=True)
+    say(f"warning: {clean(message)}", err=True)
+
+
+def take_stdout() -> None:
+    """stdout carries xbackend's own output only (the result under --json): the real stdout becomes
+    sys.stdout, and fd 1, where a plugin or a library may write directly, points at stderr. Lone
+    surrogates and an ascii terminal print escaped, never raise."""
+    import os
+
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    tty = sys.stdout.isatty()
+    sys.stdout.flush()
+    try:
+        result = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no stdout at all: nothing to keep apart
+        return
+    sys.stdout = open(result, "w", encoding=encoding, errors="backslashreplace", buffering=1 if tty else -1)
+    if hasattr(sys.stderr, "reconfigure"):
+        sys.stderr.reconfigure(errors="backslashreplace")
 
 
 def main() -> None:
+    import os
     import warnings
 
+    take_stdout()
     warnings.showwarning = _one_line_warning
     try:
         code = app(standalone_mode=False)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `xbackend ... | head`: the reader left; nothing more to say, to anyone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except typer.TyperException as exc:  # usage errors (a bad option value, a missing argument): one line
         if type(exc).__name__ == "NoArgsIsHelpError":
-            typer.echo(exc.format_message(), err=True)
+            say(exc.format_message(), err=True)
         else:
             ctx, names = getattr(exc, "ctx", None), []
             while ctx is not None and ctx.parent is not None:  # the subcommand's path, without the program name
@@ -993,11 +1082,11 @@ def main() -> None:
                 ctx = ctx.parent
             command = " ".join(names)
             message = " ".join(exc.format_message().split())
-            typer.echo(f"error: {message.rstrip('.')}. Fix: see `xbackend {command + ' ' if command else ''}--help`.",
+            say(f"error: {message.rstrip('.')}. Fix: see `xbackend {command + ' ' if command else ''}--help`.",
                        err=True)
         sys.exit(getattr(exc, "exit_code", 2))
     except typer.Abort:
-        typer.echo("error: aborted.", err=True)
+        say("error: aborted.", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -136,10 +136,9 @@ def _resolve_local(path: Path, name: str) -> CodecRef:
 
 
 def _read_codec_config(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise XBackendError(f"Codec config {path} is not valid JSON ({exc})") from None
+    from ..store.files import load_json
+
+    data = load_json(path, "Codec config", "pass the config.json that belongs to the codec", expect=None, follow=True)
     if not isinstance(data, dict) or not {"seanet", "quantizer", "transformer"} <= set(data):
         raise XBackendError(f"Codec config {path} is not a Mimi config",
                             asked="expected moshi's mimi_config keys seanet, quantizer, transformer",

@@ -33,9 +33,7 @@ def decode_trace(model: ModelRef, trace: Trace, codec_spec: str = REFERENCE_CODE
 
 def tokens_to_wav(model: ModelRef, trace: Trace, path: Path, codec_spec: str = REFERENCE_CODEC) -> Path:
     """Decode a trace's audio tokens with `codec_spec` (default: the reference codec) to a 16-bit WAV."""
-    import soundfile as sf
+    from ..store.files import write_wav
 
-    audio = decode_trace(model, trace, codec_spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), audio, SAMPLE_RATE, subtype="PCM_16")
+    write_wav(path, decode_trace(model, trace, codec_spec), SAMPLE_RATE)
     return path

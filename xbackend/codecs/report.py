@@ -8,9 +8,6 @@ report cannot point the report at other files.
 
 from __future__ import annotations
 
-import io
-import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from .stage import FILES, MISMATCH_FACTOR, PATHS, SCHEMA, frame_errors
 from .base import SAMPLE_RATE
 from ..store.rundir import safe_name
 from ..errors import XBackendError
+from ..store.files import write_file, write_text
 
 REPORT_MD = "report.md"
 BUNDLE = "bundle.tar.gz"
@@ -37,18 +35,20 @@ class CodecReportFiles:
 
 
 def _read(run_dir: Path) -> dict | None:
+    from ..store.files import load_json
+
     file = run_dir / "report.json"
-    if not file.is_file():
+    if not file.is_file() and not file.is_symlink():
         return None
-    try:
-        return json.loads(file.read_text())
-    except (OSError, ValueError):
-        return None
+    return load_json(file, "report.json", "run `xbackend codec --out DIR` again")
 
 
 def is_codec_run(run_dir: str | Path) -> bool:
     """True when `run_dir/report.json` was written by `xbackend codec`."""
-    data = _read(Path(run_dir))
+    try:
+        data = _read(Path(run_dir))
+    except XBackendError:
+        return False  # `report` then reads it as a compare run, and says what is wrong with it
     return isinstance(data, dict) and data.get("schema") == SCHEMA
 
 
@@ -134,9 +134,9 @@ def plot_codec(run_dir: Path, report: dict, verdict: dict, path: Path) -> Path |
         ax.set_xlabel("frame: red = code differs (one-call encode)")
     else:
         ax.set_axis_off()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    from ..report import save_figure
+
+    save_figure(fig, path)
     return path
 
 
@@ -259,8 +259,20 @@ def render_markdown(report: dict, plots: dict[str, Path], run_dir: Path) -> str:
 
 def write_codec_report(run_dir: str | Path) -> CodecReportFiles:
     """Write report.md, one difference plot per compared codec and bundle.tar.gz into a codec run directory."""
+    from ..store.claim import claim
+
     run_dir = Path(run_dir)
     report = load_codec_run(run_dir)
+    from ..store.files import shaped
+
+    with claim(run_dir, "codec", what="codec run directory"), \
+            shaped(f"{run_dir / 'report.json'} (or an array it names)", "run `xbackend codec --out DIR` again"):
+        return _write(run_dir, report)
+
+
+def _write(run_dir: Path, report: dict) -> CodecReportFiles:
+    from ..report import add_file, tar_bytes
+
     plots = {}
     for v in report["verdicts"]:
         if v["codec"] == report["reference"]:
@@ -269,20 +281,16 @@ def write_codec_report(run_dir: str | Path) -> CodecReportFiles:
         if made is not None:
             plots[v["codec"]] = made
     md = run_dir / REPORT_MD
-    md.write_text(render_markdown(report, plots, run_dir))
+    write_text(md, render_markdown(report, plots, run_dir))
+    files = [run_dir / "report.json", md, *plots.values()]
+    for c in report["codecs"]:
+        for key in ("encode", "encode_steps"):
+            p = run_dir / "codecs" / safe_name(c["name"]) / FILES[key]
+            if p.is_file() and not p.is_symlink():
+                files.append(p)
+    readme = ("xbackend codec-stage bundle: report.json, report.md, difference plots and every codec's codes "
+              "(codecs/<codec>/codes.npy one call, codes_stream.npy frame by frame; numpy .npy, [codebooks, frames]).\n")
     bundle = run_dir / BUNDLE
-    with tarfile.open(bundle, "w:gz") as tar:
-        files = [run_dir / "report.json", md, *plots.values()]
-        for c in report["codecs"]:
-            for key in ("encode", "encode_steps"):
-                p = run_dir / "codecs" / safe_name(c["name"]) / FILES[key]
-                if p.is_file() and not p.is_symlink():
-                    files.append(p)
-        for f in files:
-            tar.add(f, arcname=f"{BUNDLE_ROOT}/{f.relative_to(run_dir).as_posix()}")
-        readme = (b"xbackend codec-stage bundle: report.json, report.md, difference plots and every codec's codes "
-                  b"(codecs/<codec>/codes.npy one call, codes_stream.npy frame by frame; numpy .npy, [codebooks, frames]).\n")
-        info = tarfile.TarInfo(f"{BUNDLE_ROOT}/README.txt")
-        info.size = len(readme)
-        tar.addfile(info, io.BytesIO(readme))
-    return CodecReportFiles(md, tuple(plots.values()), bundle, bundle.stat().st_size)
+    data = tar_bytes(lambda tar: [add_file(tar, run_dir, f, BUNDLE_ROOT) for f in files], readme, BUNDLE_ROOT)
+    write_file(bundle, data)
+    return CodecReportFiles(md, tuple(plots.values()), bundle, len(data))

@@ -38,9 +38,10 @@ import numpy as np
 from . import (BUILTIN_CODECS, create_codec, describe_codec, parse_codec_specs, require_codec,
                      resolve_codec)
 from .base import FRAME_SIZE, SAMPLE_RATE, check_codebooks, pad_to_frames
-from ..store.rundir import safe_name, unique_labels
+from ..store.rundir import distinct_dirs, safe_name, unique_labels
 from ..errors import XBackendError
-from ..store.trace import write_json_atomic
+from ..store.claim import claim
+from ..store.files import dir_in, remove_file, write_json, write_npy, write_wav
 from ..capture.worker import run_worker
 
 SCHEMA = "xbackend.codec/1"
@@ -253,15 +254,16 @@ def read_prompt_audio(path: str | None) -> tuple[np.ndarray, str]:
     return read_audio(file), str(file)
 
 
-def run_codec_stage(req: CodecRequest, out: str | Path, on_event: EventFn | None = None) -> dict:
+def run_codec_stage(req: CodecRequest, out: str | Path, on_event: EventFn | None = None, force: bool = False) -> dict:
     """Run every codec in its own worker and write `report.json`, the arrays and WAVs to `out`."""
     from ..backends import load_plugin
 
     started = time.perf_counter()
     out = Path(out)
     specs = parse_codec_specs(",".join(req.codecs))
-    if req.timeout <= 0:
-        raise XBackendError(f"--timeout must be positive, got {req.timeout}")
+    from ..store import validate
+
+    validate.timeout(req.timeout)
     for plugin in req.plugins:
         load_plugin(plugin)
     ref = resolve_codec(req.codec)
@@ -272,18 +274,22 @@ def run_codec_stage(req: CodecRequest, out: str | Path, on_event: EventFn | None
         codec.check(ref, info)
     audio, source = read_prompt_audio(req.prompt)
     padded = pad_to_frames(audio)
-    out.mkdir(parents=True, exist_ok=True)
+    with claim(out, "codec", force=force) as claimed:
+        return _run(req, out, on_event, specs, codecs, ref, source, audio, padded, claimed.owned, started)
+
+
+def _run(req: CodecRequest, out: Path, on_event, specs, codecs, ref, source, audio, padded, owned: bool,
+         started: float) -> dict:
     audio_file = out / "input.npy"
-    np.save(audio_file, padded)
-    labels = unique_labels([str(s) for s in specs])
-    (out / "jobs").mkdir(exist_ok=True)
+    write_npy(audio_file, padded, root=out)
+    labels = distinct_dirs(unique_labels([str(s) for s in specs]), "codecs")
+    dir_in(out / "jobs", root=out)
     results: dict[str, dict] = {}
     ref_codes: Path | None = None
     for i, (label, spec, codec) in enumerate(zip(labels, specs, codecs)):
-        d = out / "codecs" / safe_name(label)
-        d.mkdir(parents=True, exist_ok=True)
-        for stale in d.glob("*.npy"):  # a reused --out must not mix arrays of an earlier run
-            stale.unlink()
+        d = dir_in(out / "codecs" / safe_name(label), root=out)
+        for stale in d.glob("*.npy") if owned else ():  # a reused --out must not mix arrays of an earlier run
+            remove_file(stale, root=out)
         job = {"plugins": [str(p) for p in req.plugins], "spec": str(spec), "label": label,
                "weights": str(ref.weights), "config": ref.config, "n_codebooks": req.codebooks,
                "meta": str(d / "meta.json"), "runs": _runs(label, d, audio_file, None if i == 0 else ref_codes)}
@@ -300,25 +306,23 @@ def run_codec_stage(req: CodecRequest, out: str | Path, on_event: EventFn | None
             ref_codes = d / FILES["encode"]
     report = build_report(req, ref, source, audio, padded, labels, results, out)
     report["timing"]["wall_s"] = round(time.perf_counter() - started, 3)
-    write_json_atomic(out / "report.json", report)
+    write_json(out / "report.json", report)
     return report
 
 
 def _meta(d: Path) -> dict:
-    import json
+
+    from ..store.files import load_json
 
     try:
-        return json.loads((d / "meta.json").read_text())
-    except (OSError, ValueError):
+        return load_json(d / "meta.json", "codec meta.json", "")
+    except XBackendError:
         return {}
 
 
 def _wav(path: Path, audio: np.ndarray) -> str:
-    import soundfile as sf
-
-    path.parent.mkdir(parents=True, exist_ok=True)
     peak = float(np.max(np.abs(audio))) if audio.size else 0.0
-    sf.write(str(path), audio / peak * 0.9 if peak > 1.0 else audio, SAMPLE_RATE, subtype="PCM_16")
+    write_wav(path, audio / peak * 0.9 if peak > 1.0 else audio, SAMPLE_RATE, root=path.parent.parent)
     return str(path.relative_to(path.parent.parent))
 
 

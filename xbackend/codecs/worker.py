@@ -8,8 +8,8 @@ a run, timings in `meta.json`).
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,18 +18,17 @@ import numpy as np
 
 from ..errors import BackendFailed, XBackendError
 from ..capture.models import CodecRef
-from ..store.trace import write_json_atomic
-from ..capture.worker import STEP_EVERY, emit
+from ..store.files import write_file, write_json
+from ..capture.worker import STEP_EVERY, emit, take_stdout
 
 OPERATIONS = ("encode", "encode_steps", "decode", "decode_steps")
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
-    """Write a .npy atomically: a run killed mid-write leaves no half file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
+    """Write a .npy atomically and through no link: a run killed mid-write leaves no half file."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    write_file(path, buf.getvalue())
 
 
 def worker_main(job_file: str) -> int:
@@ -80,17 +79,18 @@ def worker_main(job_file: str) -> int:
             seconds = time.perf_counter() - started
             save_array(Path(run["out"]), result)
             meta["runs"][run["key"]] = {"op": op, "seconds": round(seconds, 4), "out": Path(run["out"]).name}
-            write_json_atomic(meta_path, meta)
+            write_json(meta_path, meta)
         except XBackendError as exc:
             meta.update(status="failed", error=str(exc), failed_run=run["key"])
-            write_json_atomic(meta_path, meta)
+            write_json(meta_path, meta)
             emit(event="failed", name=name, error=str(exc), exit_code=exc.exit_code)
             return exc.exit_code
         emit(event="done", name=name)
     meta["status"] = "complete"
-    write_json_atomic(meta_path, meta)
+    write_json(meta_path, meta)
     return 0
 
 
 if __name__ == "__main__":
+    take_stdout()
     sys.exit(worker_main(sys.argv[1]))

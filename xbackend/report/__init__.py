@@ -26,7 +26,8 @@ from .markdown import details, md_table
 from ..results import Point, Verdict, where
 from ..store.rundir import FORCED, NATIVE_0, PORTABLE, PROMPT_CODES, REPORT_JSON, RunDir, load_run, native, safe_name
 from ..samplers import SamplingSettings
-from ..store.trace import Trace, TraceWriter, step_bytes, write_bytes_atomic
+from ..store.files import write_file
+from ..store.trace import Trace, TraceWriter, step_bytes
 
 __all__ = ["RunDir", "load_run", "write_report", "softmax", "BUNDLE_LIMIT", "TOP", "WINDOW"]
 
@@ -253,7 +254,7 @@ def save_figure(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    write_file(path, buf.getvalue())
 
 
 def write_plots(run: RunDir) -> dict[str, Path]:
@@ -389,26 +390,40 @@ def trim_trace(trace: Trace, start: int, stop: int, out: Path) -> Path:
 def write_bundle(run: RunDir, plan: BundlePlan, files: list[Path], path: Path) -> Path:
     """`files` (paths inside the run directory) and the planned trimmed traces, as one tar.gz."""
     with tempfile.TemporaryDirectory(prefix="xbackend-bundle-") as tmp:
-        part = Path(tmp) / "bundle.tar.gz"
-        with tarfile.open(part, "w:gz") as tar:
-            _fill_bundle(tar, run, plan, files, Path(tmp))
-        write_bytes_atomic(path, part.read_bytes())  # never through a link planted at bundle.tar.gz
+        def fill(tar: tarfile.TarFile) -> None:
+            for f in files:
+                add_file(tar, run.path, f)
+            for w in plan.windows:
+                local = trim_trace(run.trace(w.backend, w.run), w.start, w.stop, Path(tmp) / w.arcname())
+                tar.add(local, arcname=f"{BUNDLE_ROOT}/{w.arcname()}")
+
+        write_file(path, tar_bytes(fill, _bundle_readme(plan)))  # never through a link planted at bundle.tar.gz
     return path
 
 
-def _fill_bundle(tar: tarfile.TarFile, run: RunDir, plan: BundlePlan, files: list[Path], tmp: Path) -> None:
-    for f in files:
-        if f.is_symlink() or not f.is_file():  # a link would put another file's content in a public bundle
-            raise XBackendError(f"{f} is a symbolic link or not a regular file; bundles hold no links",
-                                fix="replace it by a regular file, or delete it")
-        tar.add(f, arcname=f"{BUNDLE_ROOT}/{f.relative_to(run.path).as_posix()}", recursive=False)
-    for w in plan.windows:
-        local = trim_trace(run.trace(w.backend, w.run), w.start, w.stop, tmp / w.arcname())
-        tar.add(local, arcname=f"{BUNDLE_ROOT}/{w.arcname()}")
-    readme = _bundle_readme(plan).encode()
-    info = tarfile.TarInfo(f"{BUNDLE_ROOT}/README.txt")
-    info.size = len(readme)
-    tar.addfile(info, io.BytesIO(readme))
+def tar_bytes(fill, readme: str, top: str = BUNDLE_ROOT) -> bytes:
+    """A bundle as bytes: what `fill(tar)` adds, then README.txt."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        fill(tar)
+        info = tarfile.TarInfo(f"{top}/README.txt")
+        data = readme.encode()
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def add_file(tar: tarfile.TarFile, root: Path, f: Path, top: str = BUNDLE_ROOT) -> None:
+    """One file of `root` into a bundle: regular, reached through no link, with no second hard link (a
+    link of either kind would put another file's content in a bundle meant for a public issue)."""
+    from ..store.files import no_link_between, read_bytes
+
+    no_link_between(root, f)
+    data = read_bytes(f, "bundle file", limit=BUNDLE_LIMIT * 4, fix="replace it by a regular file of its own",
+                      single_link=True)
+    info = tarfile.TarInfo(f"{top}/{f.relative_to(root).as_posix()}")
+    info.size, info.mode, info.mtime = len(data), 0o644, int(f.stat().st_mtime)
+    tar.addfile(info, io.BytesIO(data))
 
 
 def _bundle_readme(plan: BundlePlan) -> str:
@@ -661,20 +676,53 @@ class ReportFiles:
 
 def write_report(run_dir: str | Path, limit: int = BUNDLE_LIMIT) -> ReportFiles:
     """Write `report.md`, the drift plots and `bundle.tar.gz` into a run directory from `compare`."""
+    from ..store.claim import claim
+
     run = load_run(run_dir)
-    if (run.path / PLOTS).is_symlink():
-        raise XBackendError(f"{run.path / PLOTS} is a symbolic link; report writes through none",
-                            fix="remove the link (report recreates the folder)")
+    from ..store.files import shaped
+
+    with claim(run.path, "run", what="run directory"), \
+            shaped(f"{run.path / REPORT_JSON} (or a trace it names)", "regenerate the run directory with `xbackend compare`"):
+        return _write_report(run, limit)
+
+
+def extracted_bundle(path: Path) -> bool:
+    """Whether `path` is a bundle's content (its README.txt, or trimmed `<run>.stepsA-B` traces)."""
+    import re
+
+    readme = path / "README.txt"
+    if readme.is_file() and not readme.is_symlink():
+        try:
+            with readme.open("rb") as f:
+                if f.read(64).startswith(b"xbackend report bundle"):
+                    return True
+        except OSError:
+            pass
+    traces = path / "traces"
+    if not traces.is_dir() or traces.is_symlink():
+        return False
+    return any(re.fullmatch(r".+\.steps\d+-\d+", p.name) for d in traces.iterdir() if d.is_dir() and not d.is_symlink()
+               for p in d.iterdir())
+
+
+def _write_report(run: RunDir, limit: int) -> ReportFiles:
+    ok = {b["name"] for b in run.report.backends if b.get("status") == "ok"}
+    if extracted_bundle(run.path) or (run.reference in ok and run.trace(run.reference, NATIVE_0) is None):
+        raise XBackendError(f"{run.path} has no trace of its reference {run.reference!r} ({NATIVE_0}): it is an "
+                            "extracted bundle or a run whose traces were removed, and its page would be empty",
+                            asked="report renders from the traces; the bundle's own report.md is its page",
+                            fix="read report.md there, or run `xbackend report` on the original run directory")
+    divs = divergences(run)
+    render_markdown(run, divs, {}, plan_bundle(run, limit))  # a field of the wrong shape fails here, before any write
     plots = write_plots(run)
     located = write_locate_plots(run, save_figure)
-    divs = divergences(run)
     extras = [run.path / REPORT_JSON, *plots.values(), *located.values()]
     if (run.path / PROMPT_CODES).is_file() and not (run.path / PROMPT_CODES).is_symlink():
         extras.append(run.path / PROMPT_CODES)
     budget = limit - _MD_RESERVE - sum(p.stat().st_size + 1024 for p in extras)
     plan = plan_bundle(run, budget)
     md = run.path / REPORT_MD
-    write_bytes_atomic(md, render_markdown(run, divs, plots, plan, located).encode())
+    write_file(md, render_markdown(run, divs, plots, plan, located).encode())
     bundle = write_bundle(run, plan, [md, *extras], run.path / BUNDLE)
     return ReportFiles(md, (*plots.values(), *located.values()), bundle, bundle.stat().st_size, plan,
                        tuple(run.report.advisories))

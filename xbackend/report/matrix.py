@@ -111,7 +111,7 @@ def plot_matrix(m: MatrixReport, path: Path) -> Path:
 def write_matrix(m: MatrixReport, out: str | Path, *, force: bool = False) -> dict[str, Path]:
     """matrix.json, report.md and matrix.png in `out` (claimed as matrix output; never one of the inputs)."""
     from ..store.claim import claim, overlaps
-    from ..store.trace import write_bytes_atomic, write_json_atomic
+    from ..store.files import write_file, write_json
 
     out = Path(out)
     for p in (Path(d["path"]) for d in m.machines):
@@ -120,8 +120,8 @@ def write_matrix(m: MatrixReport, out: str | Path, *, force: bool = False) -> di
                                 "directory", fix="pass an --out directory outside every input")
     with claim(out, "matrix", force=force):
         files = {"json": out / MATRIX_JSON, "markdown": out / REPORT_MD, "plot": out / PLOT}
-        write_json_atomic(files["json"], m.to_dict())
+        write_json(files["json"], m.to_dict())
         plot_matrix(m, files["plot"])
-        write_bytes_atomic(files["markdown"], render_markdown(m).encode())
+        write_file(files["markdown"], render_markdown(m).encode())
     return files
 

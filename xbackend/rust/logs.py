@@ -24,7 +24,6 @@ step s are stored in `audio_tokens[s][generated + c]`; the model reads them one 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -102,11 +101,13 @@ def _bad(path, what: str, fix: str | None = None) -> XBackendError:
                                     "a MIMI_VERBOSE=1 log or a log with per-step token lines")
 
 
-def _regular_file(path: Path, what: str) -> None:
-    if path.is_symlink():
-        raise _bad(path, f"the {what} is a symbolic link (not followed)", fix="pass the file itself")
-    if not path.is_file():
-        raise _bad(path, f"the {what} does not exist or is not a file")
+def _regular_file(path: Path, what: str, follow: bool = False) -> None:
+    from ..store.files import regular_file
+
+    try:
+        regular_file(path, f"the {what}", follow=follow)
+    except XBackendError as exc:
+        raise _bad(path, str(exc).split(" Fix:")[0].rstrip(".").replace(f" {path}", "", 1)) from None
 
 
 # --- moshi-backend sessions ----------------------------------------------------------------------
@@ -141,21 +142,17 @@ def _rust_config(data: dict, path) -> dict:
                          f"{cfg['input_audio_codebooks']} input codebooks")
     if cfg["audio_vocab_size"] < 2 or cfg["text_start_token"] < 1:
         raise _bad(path, "lm_config has an empty vocabulary")
+    if max(cfg["audio_vocab_size"], cfg["text_start_token"] + 1) > MAX_LOG_VOCAB or cfg["acoustic_delay"] > MAX_DELAY:
+        raise _bad(path, f"lm_config has a vocabulary beyond {MAX_LOG_VOCAB} or an acoustic delay beyond {MAX_DELAY}")
     return cfg
 
 
 def read_session(path: str | Path) -> RustRun:
     """A moshi-backend session: the `.json` summary and the `.safetensors` beside it."""
     path = Path(path).expanduser()
-    _regular_file(path, "session file")
-    if path.stat().st_size > 16 * 1024**2:
-        raise _bad(path, f"the session file is {path.stat().st_size} bytes, far more than a session summary")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise _bad(path, f"not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise _bad(path, "the JSON is not an object")
+    from ..store.files import load_json
+
+    data = load_json(path, "Session file", "pass the .json a moshi-backend session wrote", limit=16 << 20)
     missing = [k for k in ("text_seed", "audio_seed", "text_topk", "audio_topk", "text_temperature",
                            "audio_temperature", "last_step_idx") if k not in data]
     if missing:
@@ -170,10 +167,13 @@ def read_session(path: str | Path) -> RustRun:
     pad_mult = data.get("pad_mult")
     if pad_mult is not None:
         pad_mult = _float(data, "pad_mult", path, positive=False)
+        if abs(pad_mult) > 1e6:
+            raise _bad(path, f"field 'pad_mult' is {pad_mult!r}, beyond the 1e6 a padding multiplier can mean")
     rep = data.get("repetition_penalty")
     if rep is not None:
         if not (isinstance(rep, list) and len(rep) == 2 and isinstance(rep[0], int) and not isinstance(rep[0], bool)
-                and rep[0] >= 0 and isinstance(rep[1], (int, float)) and math.isfinite(rep[1]) and rep[1] > 0):
+                and 0 <= rep[0] <= 2**20 and isinstance(rep[1], (int, float)) and math.isfinite(rep[1])
+                and 0 < rep[1] <= 100):
             raise _bad(path, f"field 'repetition_penalty' is {rep!r}, expected null or [context, penalty]")
         rep = (int(rep[0]), float(rep[1]))
     transcript = data.get("transcript")
@@ -240,7 +240,9 @@ def _check_range(path, tokens: np.ndarray, user: np.ndarray | None, cfg: dict) -
         bad = (values < -1) | (values >= limit)
         if bad.any():
             step = int(np.argwhere(bad)[0][0])
-            raise _bad(path, f"{what} token {int(values[bad][0])} at step {step} is outside 0 .. {limit - 1}")
+            raise _bad(path, f"{what} token {int(values[bad][0])} at step {step} is outside 0 .. {limit - 1}",
+                       fix=f"pass --text-vocab and --audio-vocab with the app's vocabularies (now {text_v} and "
+                           f"{audio_v - 1}) if this is a token-line log; else the log is not this app's")
 
 
 # --- MIMI_VERBOSE logs ----------------------------------------------------------------------------
@@ -255,18 +257,36 @@ def _read_lines(path: Path) -> list[str]:
     _regular_file(path, "log")
     if path.stat().st_size > MAX_LOG_BYTES:
         raise _bad(path, f"the log is {path.stat().st_size} bytes (at most {MAX_LOG_BYTES})")
-    try:
-        return path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        raise _bad(path, f"cannot read it ({exc.strerror})") from None
+    from ..store.files import read_bytes
+
+    return read_bytes(path, "Log", limit=MAX_LOG_BYTES).decode("utf-8", "replace").splitlines()
+
+
+_DECIMAL = re.compile(r"-?[0-9]{1,12}")
+MAX_DELAY = 100
+MAX_LOG_VOCAB = 1 << 20
+
+
+def _count(text, path, lineno: int, what: str, lo: int = -1, hi: int = MAX_LOG_VOCAB) -> int:
+    """One number of a log line: decimal, at most 12 digits, in [lo, hi]."""
+    text = str(text).strip()
+    if not _DECIMAL.fullmatch(text) or not lo <= int(text) <= hi:
+        raise _bad(path, f"line {lineno}: {what} {text[:40]!r} is not an integer from {lo} to {hi}",
+                   fix="pass the app's own log (or a --text-pattern/--audio-pattern whose groups capture integers)")
+    return int(text)
+
+
+def _step(text, path, lineno: int) -> int:
+    from ..store.validate import MAX_STEPS
+
+    return _count(text, path, lineno, "step", 0, MAX_STEPS - 1)
 
 
 def _ints(text: str, path, lineno: int) -> list[int]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
-    try:
-        return [int(p) for p in parts]
-    except ValueError:
-        raise _bad(path, f"line {lineno}: {text[:60]!r} is not a list of integers") from None
+    if len(parts) > 64:
+        raise _bad(path, f"line {lineno}: {len(parts)} audio tokens, more than the 64 codebooks a model has")
+    return [_count(p, path, lineno, "audio token") for p in parts]
 
 
 def is_verbose_log(lines: list[str]) -> bool:
@@ -293,7 +313,8 @@ def read_verbose(path: str | Path, settings: SamplingSettings = RUST_CLI_SETTING
         elif m := _SAMPLED.search(line):
             if not steps:
                 raise _bad(path, f"line {lineno}: a sampled line before any step (text_ids line)")
-            steps[-1]["sampled"].append((int(m.group(1)), int(m.group(2)), lineno))
+            steps[-1]["sampled"].append((_count(m.group(1), path, lineno, "sampled token", 0),
+                                         _count(m.group(2), path, lineno, "logits slice", 0, 64), lineno))
     if not steps:
         raise _bad(path, "no MIMI_VERBOSE step (no text_ids line)")
     dep_q = max(len(s["sampled"]) for s in steps)
@@ -380,8 +401,11 @@ def read_lines_log(path: str | Path, settings: SamplingSettings = RUST_CLI_SETTI
     audio_layout_asked = audio_layout
     if audio_layout not in AUDIO_LAYOUTS:
         raise XBackendError(f"Unknown audio layout {audio_layout!r}", asked=f"available are {', '.join(AUDIO_LAYOUTS)}")
-    if acoustic_delay < 0:
-        raise XBackendError(f"--acoustic-delay must be >= 0, got {acoustic_delay}")
+    from ..store import validate
+
+    validate.integer("--acoustic-delay", acoustic_delay, 0, MAX_DELAY)
+    validate.integer("--text-vocab", text_vocab, 1, MAX_LOG_VOCAB)
+    validate.integer("--audio-vocab", audio_vocab, 1, MAX_LOG_VOCAB)
     tp = _pattern(text_pattern, ("step", "token"), "--text-pattern")
     ap = _pattern(audio_pattern, ("step", "tokens"), "--audio-pattern")
     lines = _read_lines(path)
@@ -389,12 +413,12 @@ def read_lines_log(path: str | Path, settings: SamplingSettings = RUST_CLI_SETTI
     audios: dict[int, list[int]] = {}
     for lineno, line in enumerate(lines, 1):
         if m := tp.search(line):
-            step, token = int(m.group("step")), int(m.group("token"))
+            step, token = _step(m.group("step"), path, lineno), _count(m.group("token"), path, lineno, "token")
             if step in texts:
                 raise _bad(path, f"line {lineno}: a second text token for step {step}")
             texts[step] = token
         elif m := ap.search(line):
-            step = int(m.group("step"))
+            step = _step(m.group("step"), path, lineno)
             if step in audios:
                 raise _bad(path, f"line {lineno}: a second audio line for step {step}")
             audios[step] = _ints(m.group("tokens"), path, lineno)
@@ -461,8 +485,22 @@ def detect_format(path: Path) -> str:
     return "verbose" if is_verbose_log(head) else "lines"
 
 
-def write_token_trace(run: RustRun, out: str | Path, backend: str = "rust-app") -> Trace:
-    """Write `run` as a token trace: tokens, user codes where known, settings and seeds; no logits."""
+def write_token_trace(run: RustRun, out: str | Path, backend: str = "rust-app", force: bool = False) -> Trace:
+    """Write `run` as a token trace: tokens, user codes where known, settings and seeds; no logits.
+    Everything load_trace checks is checked first, so a refused import writes nothing."""
+    from ..store.claim import claim
+
+    tokens = np.asarray(run.tokens)
+    bad = (tokens < -1) | (tokens >= np.asarray(run.vocab))
+    if bad.any():
+        step, col = map(int, np.argwhere(bad)[0])
+        raise _bad(run.source, f"step {step}'s {run.streams[col]} token is {int(tokens[step, col])}, outside its "
+                   f"vocabulary of {run.vocab[col]}", fix="pass --text-vocab/--audio-vocab with the app's vocabularies")
+    with claim(out, "trace", force=force):
+        return _write_token_trace(run, Path(out), backend)
+
+
+def _write_token_trace(run: RustRun, out: Path, backend: str) -> Trace:
     n_user = 0 if run.user_codes is None else int(run.user_codes.shape[1])
     user = run.user_codes if run.user_codes is not None else np.zeros((run.steps, 0), dtype=np.int64)
     sampler = {"mode": "candle", "algorithm": ALGORITHM, "rng": RNG, "identity": dict(IDENTITY), "seed": run.text_seed,
@@ -478,7 +516,7 @@ def write_token_trace(run: RustRun, out: str | Path, backend: str = "rust-app") 
                                                      "card": int(run.config["audio_vocab_size"]) - 1,
                                                      "dep_q": run.dep_q, "n_q": run.dep_q + n_user}},
         "prompt": {"kind": "codes", "digest": codes_digest(user.T) if n_user else None},
-        "seed": run.seed, "sampler": sampler, "settings": run.settings.__dict__,
+        "seed": run.text_seed, "sampler": sampler, "settings": run.settings.__dict__,
         "settings_from": run.settings_from, "delays": run.delays, "rust": dict(run.config),
         "imported": {"format": run.format, "source": run.source, "notes": list(run.notes),
                      "transcript": run.transcript, "unknown_tokens": int((run.tokens < 0).sum())},

@@ -38,7 +38,9 @@ from ..errors import XBackendError
 from ..capture.models import resolve_model
 from ..samplers import Sampler, SamplingSettings
 from ..streams import text_padding_id
-from ..store.trace import Trace, load_trace, write_json_atomic
+from ..results import count, plain
+from ..store.files import clean, write_json, write_npy, write_text
+from ..store.trace import Trace, load_trace
 
 SCHEMA = "xbackend.replay/1"
 VERDICTS = ("CONSISTENT", "LOGITS_DIFFER", "WITHIN_ROUNDING")
@@ -102,13 +104,43 @@ def repetition_penalty(logits: np.ndarray, history: np.ndarray, context: int, pe
     return out
 
 
-def replay(req: ReplayRequest, out: str | Path, progress: Callable[[int, int], None] | None = None) -> dict:
+def recorded_prompt(app: Trace) -> str | None:
+    """The prompt an xbackend capture recorded, only if it can be trusted: the bundled prompt, or a file
+    inside the trace directory. A path named by a trace is never followed out of it."""
+    from ..store.claim import inside
+    from ..capture.prompt import DEFAULT_PROMPT
+
+    source = (app.meta.get("prompt") or {}).get("source")
+    if source is None:
+        return None
+    if source == str(DEFAULT_PROMPT):
+        return source
+    if isinstance(source, str) and not Path(source).is_absolute() and ".." not in Path(source).parts:
+        return str(inside(app.path, source, "the trace's prompt source"))
+    raise XBackendError(f"Trace {app.path} names its prompt as {clean(source)[:120]!r}, outside the trace directory",
+                        asked="paths named inside a trace are not followed",
+                        fix="pass --prompt with the audio or codes file the capture was given")
+
+
+def replay(req: ReplayRequest, out: str | Path, progress: Callable[[int, int], None] | None = None,
+           force: bool = False) -> dict:
     """Teacher-force `req.backend` along the trace's tokens and replay candle's sampler on its logits."""
+    from ..store.claim import claim
+
+    app = load_trace(req.trace)  # everything the trace says is checked before --out is touched
+    setup = _candle_setup(app)
+    if "imported" not in app.meta:  # an xbackend capture: its inputs.bin follows its backend's convention; replay its prompt
+        req = ReplayRequest(**{**req.__dict__, "prompt": req.prompt or recorded_prompt(app)})
+    with claim(out, "replay", force=force):
+        return _replay(req, app, setup, Path(out), progress)
+
+
+def _replay(req: ReplayRequest, app: Trace, setup: tuple, out: Path,
+            progress: Callable[[int, int], None] | None) -> dict:
     from ..capture.run import CaptureRequest, capture, forced_plan
 
-    out = Path(out)
-    app = load_trace(req.trace)
-    settings, text_seed, audio_seed, pad_mult, pad_token, rep = _candle_setup(app)
+    settings, text_seed, audio_seed, pad_mult, pad_token, rep = setup
+    imported = "imported" in app.meta
     model = resolve_model(req.model, req.model_config)
     if app.streams != model.streams or list(app.meta["vocab"]) != list(model.vocab):
         raise XBackendError(f"Trace {app.path} does not fit model {model.name}",
@@ -118,12 +150,7 @@ def replay(req: ReplayRequest, out: str | Path, progress: Callable[[int, int], N
     steps = app.steps if req.steps is None else min(req.steps, app.steps)
     if steps < 1:
         raise XBackendError(f"Trace {app.path} has no step to replay")
-    out.mkdir(parents=True, exist_ok=True)
-    n_inputs = int(app.meta.get("n_inputs", 0))
-    imported = "imported" in app.meta
-    if not imported:  # an xbackend capture: its inputs.bin follows its backend's convention; replay its prompt
-        n_inputs = 0
-        req = ReplayRequest(**{**req.__dict__, "prompt": req.prompt or (app.meta.get("prompt") or {}).get("source")})
+    n_inputs = int(app.meta.get("n_inputs", 0)) if imported else 0
     if n_inputs:
         if n_inputs != model.n_user:
             raise XBackendError(f"Trace {app.path} has {n_inputs} user codebooks, model {model.name} takes {model.n_user}",
@@ -131,7 +158,7 @@ def replay(req: ReplayRequest, out: str | Path, progress: Callable[[int, int], N
         codes = np.asarray(app.inputs[:steps], dtype=np.int64).T.copy()
         codes[codes < 0] = 0  # unknown codes are never read by the model (they come after its last step)
         prompt = out / "user_codes.npy"
-        np.save(prompt, codes)
+        write_npy(prompt, codes, root=out)
         user_from = "the app's user codes"
     elif model.n_user:
         if not req.prompt:
@@ -165,8 +192,8 @@ def replay(req: ReplayRequest, out: str | Path, progress: Callable[[int, int], N
              "transcript": (app.meta.get("imported") or {}).get("transcript")},
         env=forced.meta.get("env"), notes=notes)
     result["explanation"] = explain(result)
-    write_json_atomic(out / "replay.json", result)
-    (out / "report.md").write_text(report_md(result))
+    write_json(out / "replay.json", result)
+    write_text(out / "report.md", report_md(result), root=out)
     return result
 
 
@@ -261,7 +288,8 @@ def explain(r: dict) -> str:
     f = r["first_inconsistency"]
     who = f"{r['backend']} ({r['model']})"
     if f is None:
-        return (f"Every known token of the app ({r['decisions_checked']} decisions over {r['steps']} steps) is what "
+        return (f"Every known token of the app ({count(r['decisions_checked'], 'decision')} over "
+                f"{count(r['steps'], 'step')}) is what "
                 f"candle's sampler picks on {who}'s logits with the app's seeds ({r['app']['text_seed']} text, "
                 f"{r['app']['audio_seed']} audio) and settings: consistent through step {r['consistent_through']}. "
                 "The app's differences from other runs come from its seed or settings, not from its logits.")
@@ -292,8 +320,8 @@ def report_md(r: dict) -> str:
              f"| app run | {r['app']['format']}: `{r['app']['source']}` |",
              f"| replayed on | `{r['backend']}`, model `{r['model']}` ({r['model_digest']}) |",
              f"| seeds | text {r['app']['text_seed']}, audio {r['app']['audio_seed']} |",
-             f"| settings | {r['app']['settings']}, pad_mult {r['app']['pad_mult']}, "
-             f"repetition penalty {r['app']['repetition_penalty']} |",
+             f"| settings | {plain(r['app']['settings'])}, pad_mult {plain(r['app']['pad_mult'])}, "
+             f"repetition penalty {plain(r['app']['repetition_penalty'])} |",
              f"| user codes | {r['user_codes']} |",
              f"| steps | {r['steps']} ({r['decisions_checked']} decisions checked; not checked: {r['decisions_unknown']} "
              f"app tokens the log does not hold (filled with candle's pick), "

@@ -252,4 +252,6 @@ def parse_mode(text: str) -> tuple[str, str | None]:
                             fix="write forced:PATH, where PATH is a trace directory or a codes file")
     if mode != "forced" and arg:
         raise XBackendError(f"The {mode} sampler takes no argument", asked=f"--sampler {text!r}")
+    if arg and "\x00" in arg:
+        raise XBackendError(f"The forced sampler's path {arg!r} holds a NUL byte", fix="pass forced:PATH with a real path")
     return mode, arg or None

@@ -21,31 +21,31 @@ from pathlib import Path
 from ..errors import XBackendError
 
 MARKER = ".xbackend"
-KINDS = ("trace", "run", "baseline", "repeat", "matrix")
+KINDS = ("trace", "run", "baseline", "repeat", "matrix", "codec", "replay")
 # Files that mark a directory written by an earlier xbackend (before the marker existed).
 _LEGACY = {"trace": ("meta.json", "xbackend.trace/1"), "run": ("report.json", "xbackend.report/1"),
            "baseline": ("baseline.json", "xbackend.baseline/1"), "repeat": ("repeat.json", "xbackend.repeat/1"),
-           "matrix": ("matrix.json", "xbackend.matrix/1")}
+           "matrix": ("matrix.json", "xbackend.matrix/1"), "codec": ("report.json", "xbackend.codec/1"),
+           "replay": ("replay.json", "xbackend.replay/1")}
+
+
+def _read_small(file: Path) -> dict:
+    from .files import load_json
+
+    try:
+        return load_json(file, "xbackend marker", "", limit=1 << 24)
+    except XBackendError:
+        return {}
 
 
 def kind_of(path: Path) -> str | None:
     """Which kind of xbackend output `path` holds, or None."""
-    marker = path / MARKER
-    if marker.is_file() and not marker.is_symlink():
-        try:
-            kind = json.loads(marker.read_text() or "{}").get("kind")
-        except (ValueError, OSError, AttributeError, UnicodeDecodeError):
-            kind = None
-        if kind in KINDS:
-            return kind
+    kind = _read_small(path / MARKER).get("kind")
+    if kind in KINDS:
+        return kind
     for kind, (name, schema) in _LEGACY.items():
-        f = path / name
-        if f.is_file() and not f.is_symlink():
-            try:
-                if json.loads(f.read_bytes()[: 1 << 24]).get("schema") == schema:
-                    return kind
-            except (ValueError, OSError, AttributeError, UnicodeDecodeError, RecursionError):
-                pass
+        if _read_small(path / name).get("schema") == schema:
+            return kind
     return None
 
 
@@ -72,11 +72,18 @@ class Claim:
 
 def claim(path: str | os.PathLike, kind: str, *, force: bool = False, what: str = "--out") -> Claim:
     """Take `path` for writing output of `kind`; refuse a directory in use or not ours."""
+    from .files import dir_in, links_in, protect
+
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise XBackendError(f"{what} {path} exists and is not a directory", fix=f"pass a directory path to {what}")
     owned = True
     if path.is_dir():
+        planted = links_in(path)
+        if planted is not None:
+            raise XBackendError(f"{what} {path} holds {planted[1]} ({planted[0]}); xbackend writes through no link "
+                                "and replaces no file that has another name",
+                                fix=f"remove it, or choose a new or empty {what} directory")
         found = kind_of(path)
         busy = [p.name for p in path.iterdir() if p.name != MARKER]
         if found is not None and found != kind:
@@ -90,7 +97,9 @@ def claim(path: str | os.PathLike, kind: str, *, force: bool = False, what: str 
                                 fix=f"choose a new or empty directory, or pass --force to write xbackend's files "
                                     "beside them (nothing there is deleted)")
         owned = not _adopted(path) and (found is not None or not busy)
-    path.mkdir(parents=True, exist_ok=True)
+        if not owned:  # --force: what was there before stays as it is
+            protect(p for p in path.rglob("*") if p.name != MARKER)
+    dir_in(path)
     marker = path / MARKER
     try:
         fd = os.open(marker, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
@@ -117,13 +126,7 @@ def claim(path: str | os.PathLike, kind: str, *, force: bool = False, what: str 
 
 def _adopted(path: Path) -> bool:
     """Whether an earlier `--force` took `path` although xbackend had not made it."""
-    marker = path / MARKER
-    if not marker.is_file() or marker.is_symlink():
-        return False
-    try:
-        return json.loads(marker.read_text() or "{}").get("adopted") is True
-    except (ValueError, OSError, AttributeError, UnicodeDecodeError):
-        return False
+    return _read_small(path / MARKER).get("adopted") is True
 
 
 def overlaps(a: Path, b: Path) -> bool:
@@ -160,11 +163,7 @@ def inside(root: Path, rel, what: str) -> Path:
 
 
 def read_json(file: Path, what: str, fix: str):
-    """An untrusted JSON file of a run directory or baseline: read through no link, UTF-8, parsed."""
-    if file.is_symlink():
-        raise XBackendError(f"{file} is a symbolic link; {what} are read without following links",
-                            fix="replace the link by the file itself")
-    try:
-        return json.loads(file.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise XBackendError(f"{file} is not valid UTF-8 JSON ({str(exc)[:120]})", fix=fix) from None
+    """An untrusted JSON file of a run directory or baseline (the one loader: no link, size, depth)."""
+    from .files import load_json
+
+    return load_json(file, what, fix, expect=None)

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -60,6 +59,19 @@ def unique_labels(specs: list[str]) -> list[str]:
     return out
 
 
+def distinct_dirs(labels: list[str], what: str = "backends") -> list[str]:
+    """Refuse labels that would share a directory (`cpu#2` and a plugin's `cpu_2`, `mlx:cpu` and `mlx_cpu`)."""
+    seen: dict[str, str] = {}
+    for label in labels:
+        name = safe_name(label)
+        if name in seen:
+            raise XBackendError(f"The {what} {seen[name]!r} and {label!r} would both be stored as {name!r}",
+                                asked="their traces would overwrite each other",
+                                fix=f"leave one of them out, or rename a plugin's {what[:-1]}")
+        seen[name] = label
+    return labels
+
+
 def backend_dir(out: Path, label: str) -> Path:
     return Path(out) / TRACES / safe_name(label)
 
@@ -68,11 +80,17 @@ _TRACE_FILES = re.compile(r"(\.xbackend|meta\.json(\.tmp)?|digests\.txt|tokens\.
 _RUN_FILES = (REPORT_JSON, "report.md", "repeat.json", "bundle.tar.gz", PROMPT_CODES)
 
 
-def _is_trace_dir(path: Path) -> bool:
+def _json_or_none(file: Path):
+    from .files import load_json
+
     try:
-        return str(json.loads((path / "meta.json").read_text()).get("schema", "")).startswith("xbackend.trace/")
-    except (OSError, ValueError, AttributeError):
-        return False
+        return load_json(file, "file", "")
+    except XBackendError:
+        return None
+
+
+def _is_trace_dir(path: Path) -> bool:
+    return str((_json_or_none(path / "meta.json") or {}).get("schema", "")).startswith("xbackend.trace/")
 
 
 def clear_previous_run(out: Path) -> list[Path]:
@@ -82,18 +100,19 @@ def clear_previous_run(out: Path) -> list[Path]:
     Only xbackend's own files go: trace files inside directories whose meta.json is an xbackend
     trace, job files, the audio and plots an earlier report.json names, and the run's own
     reports; directories are removed only when that leaves them empty. Returns what was removed."""
+    from .files import remove_file
+
     removed: list[Path] = []
 
-    def unlink(path: Path) -> None:
-        if path.is_file() and not path.is_symlink():
-            path.unlink()
+    def unlink(path: Path) -> None:  # a regular file reached through no link from `out`, never anything else
+        if remove_file(path, root=out):
             removed.append(path)
 
+    old = _json_or_none(out / "report.json") or {}
     try:
-        old = json.loads((out / "report.json").read_text())
         labels = list(old.get("traces") or {})
         audio = [str(a) for a in (old.get("audio") or {}).values()]
-    except (OSError, ValueError, AttributeError):
+    except (AttributeError, TypeError):
         labels, audio = [], []
     for label in labels:
         unlink(out / "plots" / f"drift-{safe_name(str(label))}.png")
@@ -101,12 +120,9 @@ def clear_previous_run(out: Path) -> list[Path]:
     for rel in audio:
         if re.fullmatch(r"audio/[A-Za-z0-9_.-]+\.wav", rel):
             unlink(out / rel)
-    for job in (out / "jobs").glob("*.json"):
-        try:
-            is_job = {"runs", "plugins"} <= set(json.loads(job.read_text()))
-        except (OSError, ValueError, TypeError):
-            is_job = False
-        if is_job:
+    jobs = out / "jobs"
+    for job in jobs.glob("*.json") if jobs.is_dir() and not jobs.is_symlink() else ():
+        if {"runs", "plugins"} <= set(_json_or_none(job) or {}):
             unlink(job)
     traces = out / "traces"
     for meta in sorted(traces.glob("**/meta.json")) if traces.is_dir() and not traces.is_symlink() else []:
@@ -170,7 +186,7 @@ def load_run(path: str | Path) -> RunDir:
                             fix=f"run xbackend compare first, e.g. `xbackend compare --backends cpu,mlx:cpu --out {path}`")
     from .claim import read_json
 
-    data = read_json(file, "run directories", fix="run xbackend compare again")
+    data = read_json(file, "run directory report", fix="run xbackend compare again")
     if not isinstance(data, dict) or data.get("schema") != "xbackend.report/1":
         schema = data.get("schema") if isinstance(data, dict) else None
         raise XBackendError(f"{file} has schema {schema!r}, expected 'xbackend.report/1'",

@@ -36,7 +36,6 @@ import math
 import os
 import re
 import stat
-import tempfile
 import warnings
 from dataclasses import dataclass, field, fields
 from functools import cached_property
@@ -45,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import XBackendError
+from .files import dir_in, open_stream, parse_json, read_bytes, replaceable, write_json
 
 SCHEMA = "xbackend.trace/1"
 META = "meta.json"
@@ -58,11 +58,10 @@ MAX_STREAMS = 64
 MAX_VOCAB = 1 << 20
 MAX_INPUTS = 256
 MAX_META_BYTES = 16 << 20
+MAX_DIGESTS_BYTES = 33 * 1_000_000  # ten times validate.MAX_STEPS
 STREAM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 _DIGEST_LINE = re.compile(rb"[0-9a-f]{32}")
 _VERIFY_BLOCK_BYTES = 8 << 20
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class TruncatedTraceWarning(UserWarning):
@@ -123,49 +122,6 @@ def token_digest(tokens) -> str:
     return hashlib.sha256(np.asarray(tokens, dtype="<i4").reshape(-1).tobytes()).hexdigest()[:32]
 
 
-# --------------------------------------------------------------------------- safe writing
-
-
-def _open_new(path: Path, append: bool = False):
-    """Open for binary writing without following a symbolic link planted at `path`."""
-    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | (os.O_APPEND if append else os.O_TRUNC)
-    try:
-        fd = os.open(path, flags, 0o644)
-    except OSError as exc:
-        if os.path.islink(path):
-            raise XBackendError(f"{path} is a symbolic link; xbackend writes through none",
-                                fix="remove the link or choose another output directory") from None
-        raise
-    return os.fdopen(fd, "ab" if append else "wb")
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a file whole or not at all; a symbolic link at `path` is replaced, never written through."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a trace is as readable as any file the user writes
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with _quiet():
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
-
-
 class TraceWriter:
     """Appends one step at a time; every step is flushed before the next one starts.
 
@@ -177,20 +133,23 @@ class TraceWriter:
                  n_inputs: int, logits_dtype: str = "float32", has_logits: bool = True):
         if logits_dtype not in LOGITS_DTYPES:
             raise XBackendError(f"Unknown logits dtype {logits_dtype!r}", asked=f"stored dtypes are {', '.join(LOGITS_DTYPES)}")
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path = dir_in(Path(path))
         self.streams, self.vocab, self.has_logits = list(streams), [int(v) for v in vocab], has_logits
         self.stored = logits_dtype
         self.logical = logical_dtype(logits_dtype)
-        self._logits = [_open_new(self._logits_path(s)) for s in streams] if has_logits else []
-        self._tokens = _open_new(self.path / "tokens.bin")
-        self._margins = _open_new(self.path / "margins.bin")
-        self._inputs = _open_new(self.path / "inputs.bin")
-        self._digests = _open_new(self.path / DIGESTS)
+        # each file is new (an old one is replaced, never truncated: a hard link keeps its content)
+        for name in [*(self._logits_path(s).name for s in streams if has_logits), "tokens.bin", "margins.bin",
+                     "inputs.bin", DIGESTS, META]:
+            replaceable(self.path / name)
+        self._logits = [open_stream(self._logits_path(s)) for s in streams] if has_logits else []
+        self._tokens = open_stream(self.path / "tokens.bin")
+        self._margins = open_stream(self.path / "margins.bin")
+        self._inputs = open_stream(self.path / "inputs.bin")
+        self._digests = open_stream(self.path / DIGESTS)
         self.meta = dict(meta, schema=SCHEMA, streams=self.streams, vocab=self.vocab, n_inputs=n_inputs,
                          logits_dtype=self.stored if has_logits else None, has_logits=has_logits,
                          status="running", steps=0, error=None)
-        write_json_atomic(self.path / META, self.meta)  # after the truncation: old steps never pass for new ones
+        write_json(self.path / META, self.meta)  # after the truncation: old steps never pass for new ones
         self.steps = 0
 
     def _logits_path(self, stream: str) -> Path:
@@ -201,15 +160,16 @@ class TraceWriter:
         asked = self.stored
         for f in self._logits:
             f.close()
+        self._logits = []
         for s in self.streams:
             raw = np.fromfile(self._logits_path(s), dtype=LOGITS_DTYPES[asked])
-            write_bytes_atomic(self._logits_path(s), decode_logits(raw, asked).astype("<f4").tobytes())
+            self._logits.append(open_stream(self._logits_path(s)))
+            self._logits[-1].write(decode_logits(raw, asked).astype("<f4").tobytes())
         self.stored, self.logical = "float32", np.dtype("<f4")
-        self._logits = [_open_new(self._logits_path(s), append=True) for s in self.streams]
         self.meta.update(logits_dtype="float32",
                          logits_dtype_note=f"asked {asked}; step {self.steps}, stream {stream} was not exactly "
                                            f"{asked}, so every step is stored as float32")
-        write_json_atomic(self.path / META, self.meta)
+        write_json(self.path / META, self.meta)
 
     def write_step(self, logits: list[np.ndarray] | None, tokens: list[int], margins: list[float],
                    inputs: np.ndarray) -> str:
@@ -239,7 +199,7 @@ class TraceWriter:
         for f in [*self._logits, self._tokens, self._margins, self._inputs, self._digests]:
             f.close()
         self.meta.update(extra, status=status, steps=self.steps, error=error)
-        write_json_atomic(self.path / META, self.meta)
+        write_json(self.path / META, self.meta)
 
 
 # --------------------------------------------------------------------------- the loaded trace
@@ -434,8 +394,17 @@ def validate_meta(path: Path, meta) -> dict:
     if c.dict("sampler", sampler):
         if sampler.get("mode") not in MODES:
             c.fail("sampler.mode", sampler.get("mode"), f"one of {', '.join(MODES)}")
-        c.int("sampler.seed", sampler.get("seed"), 0, 2**64 - 1, none=True)
+        for key in ("seed", "text_seed", "audio_seed"):
+            c.int(f"sampler.{key}", sampler.get(key), 0, 2**64 - 1, none=True)
         c.str("sampler.forced_from", sampler.get("forced_from"))
+        c.int("sampler.pad_token", sampler.get("pad_token"), 0, MAX_VOCAB, none=True)
+        pad_mult = sampler.get("pad_mult")
+        if pad_mult is not None and not (_is_number(pad_mult) and math.isfinite(pad_mult) and abs(pad_mult) <= 1e6):
+            c.fail("sampler.pad_mult", pad_mult, "null or a finite number of magnitude at most 1e6")
+        rep = sampler.get("repetition_penalty")
+        if rep is not None and not (isinstance(rep, list) and len(rep) == 2 and _is_int(rep[0])
+                                    and 0 <= rep[0] <= 2**20 and _is_number(rep[1]) and 0 < rep[1] <= 100):
+            c.fail("sampler.repetition_penalty", rep, "null or [context (0 to 2**20 tokens), penalty in (0, 100]]")
     spec = meta.get("spec")
     if c.dict("spec", spec):
         c.str("spec.name", spec.get("name"))
@@ -496,7 +465,9 @@ def _read_digests(path: Path) -> list[str]:
     size = _regular_file(path, path / DIGESTS, required=False)
     if size is None:
         return []
-    lines = (path / DIGESTS).read_bytes().split(b"\n")[:-1]
+    if size > MAX_DIGESTS_BYTES:
+        raise _bad_trace(path, f"{DIGESTS} is {size} bytes, more than {MAX_DIGESTS_BYTES} (33 bytes a step)")
+    lines = read_bytes(path / DIGESTS, DIGESTS, limit=MAX_DIGESTS_BYTES).split(b"\n")[:-1]
     for i, line in enumerate(lines):
         if not _DIGEST_LINE.fullmatch(line):
             raise _bad_trace(path, f"{DIGESTS} line {i + 1} is {line[:40]!r}, not 32 hex digits")
@@ -551,7 +522,7 @@ def _check_tokens(trace: Trace) -> None:
         return
     tokens, vocab = trace.tokens, np.asarray(trace.meta["vocab"])
     low = -1 if not trace.has_logits else 0  # a token-only import may mark a token it never logged as -1
-    bad = (tokens < low) | (tokens > vocab - (1 if trace.has_logits else 0))
+    bad = (tokens < low) | (tokens >= vocab)
     if bad.any():
         step, col = map(int, np.argwhere(bad)[0])
         raise _bad_trace(trace.path, f"tokens.bin holds token {int(tokens[step, col])} at step {step}, stream "
@@ -571,9 +542,9 @@ def load_trace(path: str | os.PathLike, *, verify: bool = True) -> Trace:
     if size > MAX_META_BYTES:
         raise _bad_trace(path, f"{META} is {size} bytes, more than the {MAX_META_BYTES >> 20} MB a trace's metadata takes")
     try:
-        meta = json.loads((path / META).read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise _bad_trace(path, f"{META} is not valid UTF-8 JSON ({str(exc)[:120]})") from None
+        meta = parse_json(read_bytes(path / META, META, limit=MAX_META_BYTES), META, "", expect=None)
+    except XBackendError as exc:
+        raise _bad_trace(path, str(exc).removesuffix(".")) from None
     meta = validate_meta(path, meta)
     digests = _read_digests(path)
     steps = len(digests)

@@ -204,8 +204,11 @@ def report_json(source: str, report) -> dict:
             f = v["figures"]
             for key in ("forced_max_abs", "tolerance", "delta_at_divergence", "margin_at_divergence"):
                 s.num(f"verdicts[{i}].figures.{key}", f.get(key))
-            for key in ("portable_divergence", "native_divergence"):
+            for key in ("portable_divergence", "native_divergence", "onset"):
                 s.place(f"verdicts[{i}].figures.{key}", f.get(key))
+            for j, spike in enumerate(s.lst(f"verdicts[{i}].figures.spikes", f.get("spikes"), none=True)):
+                s.obj(f"verdicts[{i}].figures.spikes[{j}]", spike)
+                s.place(f"verdicts[{i}].figures.spikes[{j}]", spike)
             s.boolean(f"verdicts[{i}].figures.within_tolerance", f.get("within_tolerance"))
         for j, sec in enumerate(s.lst(f"verdicts[{i}].secondary", v.get("secondary"), none=True)):
             s.obj(f"verdicts[{i}].secondary[{j}]", sec)
@@ -228,6 +231,8 @@ def report_json(source: str, report) -> dict:
         s.text(f"request.backends[{i}]", b, none=False)
     for key in ("model", "alignment"):
         s.text(f"request.{key}", req.get(key), none=False)
+    for key in ("arbiter", "codec", "sampler"):
+        s.text(f"request.{key}", req.get(key))
     for key in ("model_digest", "model_config", "compile"):
         s.text(f"request.{key}", req.get(key))
     for key in ("seed", "steps", "repeats"):
@@ -240,8 +245,26 @@ def report_json(source: str, report) -> dict:
     if s.obj("request.prompt", req.get("prompt"), none=True):
         s.text("request.prompt.source", req["prompt"].get("source"))
         s.text("request.prompt.digest", req["prompt"].get("digest"))
+    for i, r in enumerate(s.lst("repeatability", report.get("repeatability"), none=True)):
+        s.obj(f"repeatability[{i}]", r)
+        s.text(f"repeatability[{i}].backend", r.get("backend"), none=False)
+        s.int(f"repeatability[{i}].runs", r.get("runs"), none=False)
+        s.num(f"repeatability[{i}].run_to_run_drift", r.get("run_to_run_drift"))
+        for key in ("first_logits_difference", "first_token_difference"):
+            s.place(f"repeatability[{i}].{key}", r.get(key))
+    if s.obj("arbiter", report.get("arbiter"), none=True):
+        a = report["arbiter"]
+        for key in ("spec", "status", "error", "trace"):
+            s.text(f"arbiter.{key}", a.get(key))
+        for j, d in enumerate(s.lst("arbiter.backends", a.get("backends"), none=True)):
+            s.obj(f"arbiter.backends[{j}]", d)
+            s.text(f"arbiter.backends[{j}].backend", d.get("backend"), none=False)
+            for key in ("max_abs", "median_abs"):
+                s.num(f"arbiter.backends[{j}].{key}", d.get(key))
+            s.int(f"arbiter.backends[{j}].steps", d.get("steps"))
     if s.obj("reference_repeatability", report.get("reference_repeatability"), none=True):
         r = report["reference_repeatability"]
+        s.int("reference_repeatability.runs", r.get("runs"))
         s.boolean("reference_repeatability.logits_identical", r.get("logits_identical"))
         s.boolean("reference_repeatability.tokens_identical", r.get("tokens_identical"))
         s.int("reference_repeatability.first_nondeterministic_step", r.get("first_nondeterministic_step"))
@@ -312,6 +335,8 @@ def baseline_json(source: str, baseline, setting_names: tuple[str, ...]) -> dict
             s.boolean(f"expected.repeatability[{i}].{key}", r.get(key))
     traces = baseline.get("traces")
     s.obj("traces", traces)
+    if not traces:
+        s.fail("traces", traces, "one entry per backend")
     for label, t in traces.items():
         s.obj(f"traces.{label}", t)
         s.text(f"traces.{label}.dir", t.get("dir"), none=False)
