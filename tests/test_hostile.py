@@ -111,22 +111,22 @@ DEEP = "[" * 200_000 + "]" * 200_000
 # --------------------------------------------------------------------------- security: writes through links
 
 
-def case_report_codec_md_link(tmp, outside):
+def _codec_run_linking(tmp: Path, outside: Path, rel: str):
     run = _codec_run(tmp)
-    _link(run / "report.md", outside / "secret.txt")
+    _link(run / rel, outside / "secret.txt")
     return ["report", str(run)], "symbolic link"
+
+
+def case_report_codec_md_link(tmp, outside):
+    return _codec_run_linking(tmp, outside, "report.md")
 
 
 def case_report_codec_bundle_link(tmp, outside):
-    run = _codec_run(tmp)
-    _link(run / "bundle.tar.gz", outside / "secret.txt")
-    return ["report", str(run)], "symbolic link"
+    return _codec_run_linking(tmp, outside, "bundle.tar.gz")
 
 
 def case_report_codec_plot_link(tmp, outside):
-    run = _codec_run(tmp)
-    _link(run / "plots" / "codec-mlx.png", outside / "secret.txt")
-    return ["report", str(run)], "symbolic link"
+    return _codec_run_linking(tmp, outside, "plots/codec-mlx.png")
 
 
 def case_report_plots_dir_link(tmp, outside):
@@ -646,3 +646,13 @@ def test_the_tokenizer_path_a_trace_records_is_never_opened(tmp_path):
     assert tokenizer_for(meta, known=outside / "tokenizer.model").path == outside / "tokenizer.model"  # user-named
     meta["model"]["tokenizer"]["digest"] = "0" * 16
     assert tokenizer_for(meta) is None
+
+
+def test_out_of_memory_and_a_full_disk_are_not_output_path_errors():
+    import errno
+
+    from xbackend.cli import os_error
+
+    assert os_error(OSError(errno.ENOMEM, "Cannot allocate memory")).startswith("out of memory")
+    assert os_error(OSError(errno.ENOSPC, "No space left on device", "/x/t")).startswith("no space left on the disk (/x/t)")
+    assert os_error(OSError(errno.EACCES, "Permission denied", "/x")).endswith("Fix: choose a writable path.")

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import XBackendError
 
 MARKER = ".xbackend"
+MAX_THEIRS = 100_000  # files of a user's directory remembered (and never replaced) once --force took it
 KINDS = ("trace", "run", "baseline", "repeat", "matrix", "codec", "replay")
 # Files that mark a directory written by an earlier xbackend (before the marker existed).
 _LEGACY = {"trace": ("meta.json", "xbackend.trace/1"), "run": ("report.json", "xbackend.report/1"),
@@ -57,9 +58,13 @@ class Claim:
     kind: str
     fd: int | None = None
     owned: bool = True  # xbackend made it (new, empty or already ours): its earlier output may be cleared
+    theirs: tuple[str, ...] = ()  # files the directory held when --force took it: never replaced
 
     def release(self) -> None:
         if self.fd is not None:
+            from .files import unprotect
+
+            unprotect(self.path / rel for rel in self.theirs)
             os.close(self.fd)  # closing drops the flock
             self.fd = None
 
@@ -77,7 +82,7 @@ def claim(path: str | os.PathLike, kind: str, *, force: bool = False, what: str 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise XBackendError(f"{what} {path} exists and is not a directory", fix=f"pass a directory path to {what}")
-    owned = True
+    owned, theirs = True, ()
     if path.is_dir():
         planted = links_in(path)
         if planted is not None:
@@ -96,9 +101,14 @@ def claim(path: str | os.PathLike, kind: str, *, force: bool = False, what: str 
                                 asked=f"it holds {shown}",
                                 fix=f"choose a new or empty directory, or pass --force to write xbackend's files "
                                     "beside them (nothing there is deleted)")
-        owned = not _adopted(path) and (found is not None or not busy)
-        if not owned:  # --force: what was there before stays as it is
-            protect(p for p in path.rglob("*") if p.name != MARKER)
+        adopted = _adopted(path)
+        owned = not adopted and (found is not None or not busy)
+        if adopted:  # what the directory held when --force first took it stays as it is, on every later run
+            listed = _read_small(path / MARKER).get("theirs")
+            theirs = tuple(r for r in listed if isinstance(r, str))[:MAX_THEIRS] if isinstance(listed, list) else ()
+        elif not owned:
+            theirs = tuple(sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                                  if p.name != MARKER and not p.is_dir()))[:MAX_THEIRS]
     dir_in(path)
     marker = path / MARKER
     try:
@@ -120,8 +130,9 @@ def claim(path: str | os.PathLike, kind: str, *, force: bool = False, what: str 
         raise XBackendError(f"{what} {path} is in use by another xbackend run" + (f" (pid {holder})" if holder else ""),
                             fix=f"wait for it to finish, or choose another {what} directory") from None
     os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"kind": kind, "pid": os.getpid(), "adopted": not owned}).encode())
-    return Claim(path, kind, fd, owned)
+    os.write(fd, json.dumps({"kind": kind, "pid": os.getpid(), "adopted": not owned, "theirs": list(theirs)}).encode())
+    protect(path / rel for rel in theirs)
+    return Claim(path, kind, fd, owned, theirs)
 
 
 def _adopted(path: Path) -> bool:

@@ -110,6 +110,11 @@ def protect(paths) -> None:
     _PROTECTED.update(os.path.abspath(p) for p in paths)
 
 
+def unprotect(paths) -> None:
+    """The claim that protected `paths` is released."""
+    _PROTECTED.difference_update(os.path.abspath(p) for p in paths)
+
+
 def _check_destination(dfd: int, name: str, shown: Path) -> None:
     if _PROTECTED and os.path.abspath(shown) in _PROTECTED:
         raise XBackendError(f"{shown} was there before xbackend took its directory with --force, which overwrites "
