@@ -140,7 +140,7 @@ def case_replay_out_report_link(tmp, outside):
     out.mkdir()
     (out / "replay.json").write_text(json.dumps({"schema": "xbackend.replay/1"}))
     _link(out / "report.md", outside / "secret.txt")
-    return ["replay", str(_trace(tmp / "t")), "--out", str(out)], "symbolic link"
+    return ["replay", str(_candle_trace(tmp)), "--out", str(out)], "symbolic link"
 
 
 def case_codec_out_codecs_dir_link(tmp, outside):
@@ -424,8 +424,13 @@ def case_import_into_a_users_directory(tmp, outside):
     return ["import", str(_lines_log(tmp, "0")), "--out", str(_users_dir(tmp))], "not written by xbackend"
 
 
+def case_import_into_a_committed_baseline_trace(tmp, outside):
+    base = _baseline(tmp)
+    return ["import", str(_lines_log(tmp, "0")), "--out", str(base / "traces" / "cpu" / "native-0")], "inside the xbackend baseline"
+
+
 def case_replay_into_a_users_directory(tmp, outside):
-    return ["replay", str(_trace(tmp / "t")), "--out", str(_users_dir(tmp))], "not written by xbackend"
+    return ["replay", str(_candle_trace(tmp)), "--out", str(_users_dir(tmp))], "not written by xbackend"
 
 
 def case_codec_into_a_users_directory(tmp, outside):

@@ -1047,6 +1047,8 @@ def take_stdout() -> None:
     surrogates and an ascii terminal print escaped, never raise."""
     import os
 
+    if sys.stdout is None or not hasattr(sys.stdout, "fileno"):
+        return
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     tty = sys.stdout.isatty()
     sys.stdout.flush()

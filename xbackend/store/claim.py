@@ -82,6 +82,11 @@ def claim(path: str | os.PathLike, kind: str, *, force: bool = False, what: str 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise XBackendError(f"{what} {path} exists and is not a directory", fix=f"pass a directory path to {what}")
+    for above in list(path.absolute().parents)[:6]:  # a committed baseline's traces are written by `baseline create` only
+        if kind_of(above) == "baseline":
+            raise XBackendError(f"{what} {path} is inside the xbackend baseline {above}",
+                                asked="writing there would change a committed baseline",
+                                fix=f"choose a {what} outside it (baseline create makes baselines)")
     owned, theirs = True, ()
     if path.is_dir():
         planted = links_in(path)
