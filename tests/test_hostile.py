@@ -661,3 +661,42 @@ def test_out_of_memory_and_a_full_disk_are_not_output_path_errors():
     assert os_error(OSError(errno.ENOMEM, "Cannot allocate memory")).startswith("out of memory")
     assert os_error(OSError(errno.ENOSPC, "No space left on device", "/x/t")).startswith("no space left on the disk (/x/t)")
     assert os_error(OSError(errno.EACCES, "Permission denied", "/x")).endswith("Fix: choose a writable path.")
+
+
+def test_a_nul_byte_in_a_forced_path_is_one_error():
+    """argv cannot carry a NUL; the API can (a forced:PATH built from a file)."""
+    from xbackend.errors import XBackendError
+    from xbackend.samplers import parse_mode
+
+    with pytest.raises(XBackendError, match="NUL byte"):
+        parse_mode("forced:runs/a\x00b")
+
+
+def test_a_token_line_import_says_what_it_assumed(tmp_path):
+    proc = run_cli("import", str(_lines_log(tmp_path, "0")), "--out", str(tmp_path / "o"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    notes = json.loads(proc.stdout)["notes"]
+    assert any("--text-vocab 32000" in n and "--acoustic-delay 2" in n for n in notes), notes
+    proc = run_cli("import", str(_lines_log(tmp_path, "0")), "--out", str(tmp_path / "p"), "--json",
+                   "--text-vocab", "320", "--audio-vocab", "256", "--acoustic-delay", "1")
+    assert not any("assumed" in n for n in json.loads(proc.stdout)["notes"])
+
+
+def test_imported_sessions_with_separate_text_and_audio_seeds_are_surveyed(tmp_path):
+    """moshi-backend draws the two seeds apart by default; such an imported trace was refused."""
+    from xbackend.capture.models import resolve_model
+    from xbackend.samplers import RUST_CLI_SETTINGS
+
+    from .rust_layout import rust_config, write_session
+
+    model = resolve_model("tiny")
+    cfg = rust_config(model, acoustic_delay=int(model.delays[2]))
+    (tmp_path / "logs").mkdir()
+    src = write_session(tmp_path / "logs" / "moshi-1-1.json", np.zeros((4, 1 + model.dep_q), dtype=np.int64),
+                        np.zeros((4, model.n_user), dtype=np.int64), cfg, 7, RUST_CLI_SETTINGS)
+    _edit(src, lambda d: d.update(audio_seed=2**64 - 1))
+    assert run_cli("import", str(src), "--out", str(tmp_path / "traces" / "a")).returncode == 0
+    proc = run_cli("sessions", str(tmp_path / "traces"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads(proc.stdout)["runs"][0]
+    assert (run["text_seed"], run["audio_seed"]) == (7, 2**64 - 1)

@@ -24,6 +24,7 @@ step s are stored in `audio_tokens[s][generated + c]`; the model reads them one 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -387,10 +388,14 @@ def _pattern(text: str, groups: tuple[str, ...], option: str) -> re.Pattern:
     return pattern
 
 
+LINES_DEFAULTS = {"text_vocab": 32000, "audio_vocab": 2048, "acoustic_delay": 2}  # Moshi-7B's, as moshi-cli runs it
+
+
 def read_lines_log(path: str | Path, settings: SamplingSettings = RUST_CLI_SETTINGS, text_seed: int = RUST_CLI_SEED,
-                   audio_seed: int = RUST_CLI_SEED, acoustic_delay: int = 2,
+                   audio_seed: int = RUST_CLI_SEED, acoustic_delay: int = LINES_DEFAULTS["acoustic_delay"],
                    text_pattern: str = DEFAULT_TEXT_PATTERN, audio_pattern: str = DEFAULT_AUDIO_PATTERN,
-                   audio_layout: str = "auto", text_vocab: int = 32000, audio_vocab: int = 2048,
+                   audio_layout: str = "auto", text_vocab: int = LINES_DEFAULTS["text_vocab"],
+                   audio_vocab: int = LINES_DEFAULTS["audio_vocab"],
                    allow_partial: bool = False) -> RustRun:
     """An app's own per-step token lines. `audio_layout`: `frame` when the app logs what
     moshi-core's `State::last_audio_tokens()` returns after step s (codebook 0 sampled at step
@@ -551,4 +556,9 @@ def read_run(path: str | Path, fmt: str | None = None, **options) -> RustRun:
     if fmt == "verbose":
         allowed = {"settings", "text_seed", "audio_seed", "acoustic_delay", "allow_partial"}
         return read_verbose(path, **{k: v for k, v in options.items() if k in allowed})
-    return read_lines_log(path, **options)
+    run = read_lines_log(path, **options)
+    assumed = [f"--{k.replace('_', '-')} {v}" for k, v in LINES_DEFAULTS.items() if k not in options]
+    if assumed:  # a token-line log records none of these: say what was taken for it
+        run = dataclasses.replace(run, notes=(*run.notes, f"assumed Moshi-7B's {', '.join(assumed)} (the log does not "
+                                                          "say; pass the app's own if they differ)"))
+    return run

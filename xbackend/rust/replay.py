@@ -146,7 +146,10 @@ def _replay(req: ReplayRequest, app: Trace, setup: tuple, out: Path,
         raise XBackendError(f"Trace {app.path} does not fit model {model.name}",
                             asked=f"the trace has streams {len(app.streams)} with vocabularies {app.meta['vocab']}, "
                                   f"the model {len(model.streams)} with {model.vocab}",
-                            fix="pass --model with the checkpoint the Rust app ran")
+                            fix=("import the log again with the app's --text-vocab, --audio-vocab and --acoustic-delay "
+                                 "(a token-line log records none of them), or pass --model with the checkpoint it ran"
+                                 if (app.meta.get("imported") or {}).get("format") == "lines"
+                                 else "pass --model with the checkpoint the Rust app ran"))
     steps = app.steps if req.steps is None else min(req.steps, app.steps)
     if steps < 1:
         raise XBackendError(f"Trace {app.path} has no step to replay")
