@@ -56,10 +56,10 @@ class CodecInfo:
 
 def codec_info(ref: CodecRef) -> CodecInfo:
     """Read the checkpoint's header (no weights) and refuse what is not a Mimi checkpoint."""
+    from ..store.files import regular_file
+
     path = ref.weights
-    if not path.is_file():
-        raise XBackendError(f"Codec checkpoint {path} does not exist",
-                            fix="pass a Mimi .safetensors file or directory with --codec")
+    regular_file(path, "Codec checkpoint", "pass a Mimi .safetensors file or directory with --codec", follow=True)
     header = safetensors_header(path)
     missing = [k for k in MARKERS if k not in header]
     if missing:

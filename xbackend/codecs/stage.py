@@ -245,9 +245,10 @@ def read_prompt_audio(path: str | None) -> tuple[np.ndarray, str]:
     """The prompt as 24 kHz mono float32, through the same loader every command uses."""
     from ..capture.prompt import CODES_SUFFIXES, DEFAULT_PROMPT, read_audio
 
+    from ..store.files import regular_file
+
     file = Path(path).expanduser() if path else DEFAULT_PROMPT
-    if not file.is_file():
-        raise XBackendError(f"Prompt {file} does not exist", fix="pass a WAV/FLAC file with --prompt")
+    regular_file(file, "Prompt", "pass a WAV/FLAC file with --prompt", follow=True)
     if file.suffix.lower() in CODES_SUFFIXES:
         raise XBackendError(f"The codec stage needs audio, and {file.name} is a codes file",
                             fix="pass a WAV/FLAC file with --prompt")
