@@ -460,7 +460,7 @@ def compare(
     def text() -> None:
         print_verdicts(report)
         if report.context:
-            typer.echo(report.context["note"])
+            say(report.context["note"])
         t = report.timing
         if report.codec:
             say(f"audio decoded with codec {report.codec['spec']} into {out / 'audio'}")
