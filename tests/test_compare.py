@@ -446,7 +446,8 @@ def test_a_reused_out_is_cleared_only_where_xbackend_made_it(tmp_path):
     from xbackend.store.claim import claim
     from xbackend.testing.traces import synthetic_trace
 
-    prompt, base = SimpleNamespace(codes=np.zeros((2, 3), dtype=np.int64)), CaptureRequest(backend="cpu")
+    prompt = SimpleNamespace(codes=np.zeros((2, 3), dtype=np.int64), own_frames=3)
+    base = CaptureRequest(backend="cpu")
 
     ours = tmp_path / "ours"
     with claim(ours, "run") as c:

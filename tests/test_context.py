@@ -54,8 +54,9 @@ def test_mlx_window_one_key_too_wide_is_found_at_exactly_the_context(tmp_path):
     assert v.verdict == "SEMANTIC_MISMATCH", v.explanation
     assert v.first_divergence.step == 50
     assert v.figures["context"] == 50
-    assert "exactly the model's context length (50)" in v.explanation
-    assert v.figures["onset_before"] < v.figures["semantic_threshold"] / 100  # agreement up to step 49
+    assert "at the model's context length (50 steps)" in v.explanation  # the cause evidence.py tested
+    assert v.figures["evidence"]["cause"] == "context wrap"
+    assert v.figures["onset_before"] < v.figures["tolerance"]  # agreement up to step 49 (measured ~2e-5)
     assert report.context == {"length": 50, "steps": 64, "crossed": True, "steps_to_cross": 100,
                               "note": "context 50 crossed: steps 50 to 63 attend a sliding window of 50 steps, "
                                       "so cache-wrap bugs are covered"}

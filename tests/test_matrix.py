@@ -275,8 +275,11 @@ def test_report_lists_known_issues_and_the_verdicts_they_could_explain(captured,
     section = md.split("## Known issues", 1)[1].split("\n## ", 1)[0]
     assert "torch 2.8.0 on MPS: F.linear wrong on non-contiguous inputs, pytorch#161640" in section
     verdict = json.loads((run / "report.json").read_text())["verdicts"][0]
-    assert verdict["verdict"] == "NUMERIC_DIVERGENCE" and not verdict["expected"]
-    assert "- **cpu:bf16** (NUMERIC_DIVERGENCE) could be explained by: " in section
+    # a flip by drift within the tier's tolerance is expected (docs/design.md, Exit codes); the known issue
+    # is named all the same
+    assert verdict["verdict"] == "NUMERIC_DIVERGENCE" and verdict["expected"] is True
+    # an expected verdict needs no known cause (the check test below has one that needs attention explained)
+    assert "could be explained by" not in section
     plain = machine(captured, tmp_path / "plain", "Apple M2")
     assert run_cli("report", str(plain)).returncode == 0 and "## Known issues" not in (plain / "report.md").read_text()
 

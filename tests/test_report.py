@@ -178,6 +178,6 @@ def test_reproduce_command_keeps_the_request_and_no_local_paths():
            "plugins": ["flip.py"], "arbiter": "none"}
     cmd = reproduce_command(CompareReport(request=req, reference="cpu", backends=()))
     assert cmd == ("xbackend compare --backends cpu,flip:bf16 --model /data/ckpt.safetensors --model-config "
-                   "/data/config.json --prompt prompt_codes.npy --seed 1 --steps 50 --temp-text 0.6 --top-k-text 25 "
+                   "/data/config.json --prompt prompt_codes.npy --seed 1 --steps 50 --compile off --temp-text 0.6 --top-k-text 25 "
                    "--temp-audio 0.8 --top-k-audio 250 --repeats 2 --timeout 600.0 --alignment aligned "
                    "--sampler portable --arbiter none --codec torch:cpu --plugin flip.py")

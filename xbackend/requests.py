@@ -107,7 +107,8 @@ class CompareRequest:
                    settings=SamplingSettings.from_dict(data.get("settings")),
                    plugins=tuple(data.get("plugins") or ()), codec=codec or defaults.codec,
                    arbiter=data.get("arbiter") or defaults.arbiter, sampler=data.get("sampler") or "portable",
-                   compile=data.get("compile") or defaults.compile,
+                   # a report without --compile predates it: xbackend then ran eagerly (as check reads baselines)
+                   compile=data.get("compile") or "off",
                    # frames fewer than those fed: the rest is an audio prompt's silence fill
                    prompt_frames=frames if prompt is not None and isinstance(frames, int) and isinstance(fed, int)
                    and frames < fed else None)
