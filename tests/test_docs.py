@@ -21,6 +21,9 @@ The convention, for whoever writes a page:
 - Every ``python`` block executes as a script and must exit 0. One preceded by
   ``<!-- file: NAME.py -->`` is also saved as NAME.py before the page's first block runs (a plugin
   the page's commands load with ``--plugin NAME.py``).
+- A ``json`` block preceded by ``<!-- include: figures/NAME.json -->`` quotes a figures file a
+  benchmark script wrote (``xbackend.testing.figures``): it must equal the file, and every file
+  under ``docs/figures/`` must be quoted and say its command, date and machine.
 - The README's first block is the two commands: line 1 ends in an ``xbackend`` command that a
   runnable block of the README runs as written, line 2 is exactly what ``.ci/run`` runs, and the
   README's command table names exactly the CLI's commands.
@@ -28,6 +31,7 @@ The convention, for whoever writes a page:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -43,7 +47,7 @@ from .helpers import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```\s*$", re.M | re.S)
-MARK = re.compile(r"<!--\s*(runnable|not-runnable|file)\s*:?(.*?)-->\s*$", re.S)
+MARK = re.compile(r"<!--\s*(runnable|not-runnable|file|include)\s*:?(.*?)-->\s*$", re.S)
 SHELL = {"bash", "sh", "shell"}
 SHELL_PRELUDE = f"""xbackend() {{ {shlex.quote(sys.executable)} -m xbackend "$@"; }}
 python() {{ {shlex.quote(sys.executable)} "$@"; }}
@@ -222,3 +226,21 @@ def test_readme_command_table_is_the_cli():
     text = (ROOT / "README.md").read_text()
     table = set(re.findall(r"^\| `xbackend ([a-z]+)[^`]*` \|", text, re.M))
     assert table == commands, f"README command table {sorted(table)} against the CLI's {sorted(commands)}"
+
+
+def test_figures_are_quoted_as_their_files_say():
+    includes = [b for b in ALL if b.mark == "include"]
+    quoted = set()
+    for b in includes:
+        assert b.lang == "json", f"{b.name}: an include is a json block"
+        path = (b.page.parent / b.args).resolve()
+        doc = json.loads(path.read_text())
+        assert json.loads(b.code) == doc, f"{b.name}: the quote differs from {b.args}; paste the file again"
+        quoted.add(path)
+    files = set((ROOT / "docs" / "figures").glob("*.json"))
+    assert files and files <= quoted, f"figures files no page quotes: {sorted(p.name for p in files - quoted)}"
+    for path in files:
+        doc = json.loads(path.read_text())
+        assert doc["command"].startswith("python scripts/") and doc["date"] and doc["machine"]["cpu"], path.name
+        script = ROOT / doc["command"].split()[1]
+        assert script.is_file() and "write_figures" in script.read_text(), f"{path.name}: {script.name} does not write it"
