@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..store.trace import write_json_atomic
+from ..store.files import write_json
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 FIGURES = ROOT / "docs" / "figures"
@@ -55,5 +55,5 @@ def write_figures(path: str | Path, figures: dict, *, started: dict, argv: list[
     the measurement; the load average at the end is added) and the UTC date; returns the document."""
     doc = {"command": command(argv), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "machine": {**started, "load_average_end": _load()}, "figures": figures}
-    write_json_atomic(Path(path), doc)
+    write_json(Path(path), doc)
     return doc
