@@ -10,14 +10,16 @@ are random normal, scaled like a trained model's (std 3 for text, 2 for audio); 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from xbackend.samplers.candle import CandleSampler
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from xbackend.samplers.candle import CandleSampler  # noqa: E402
+from xbackend.testing.figures import FIGURES, machine, write_figures  # noqa: E402
 
 
 def main() -> None:
@@ -25,8 +27,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--top-k", type=int, default=250)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=str(FIGURES / "bench-candle.json"),
+                    help="figures file (default: the one docs/performance.md quotes)")
     args = ap.parse_args()
+    started = machine()
     rng = np.random.default_rng(0)
     text = (rng.standard_normal((args.steps + 1, 32000)) * 3).astype(np.float32)
     audio = (rng.standard_normal((args.steps + 1, 8, 2048)) * 2).astype(np.float32)
@@ -52,14 +56,12 @@ def main() -> None:
         audio_ms.append(1000 * t_audio / args.steps / 8)
     result = {"steps_per_s": round(statistics.median(rates), 1), "rounds": [round(r, 1) for r in rates],
               "text_draw_ms": round(statistics.median(text_ms), 3), "audio_draw_ms": round(statistics.median(audio_ms), 3),
-              "steps": args.steps, "top_k": args.top_k, "machine": platform.machine(), "python": platform.python_version(),
-              "numpy": np.__version__}
+              "steps": args.steps, "top_k": args.top_k}
     print(f"CandleSampler, Moshi-7B vocabularies (text 32000 + 8 x audio 2048, k {args.top_k}): "
           f"{result['steps_per_s']} steps/s (median of {args.rounds} rounds: {result['rounds']}); "
           f"text draw {result['text_draw_ms']} ms, audio draw {result['audio_draw_ms']} ms")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_figures(args.json, result, started=started)
+    print(f"figures written to {args.json}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ bf16 model computes them):
   cost per MB of stored logits (median of --repeats loads, page cache warm);
 - that both traces load to the same float32 values and carry the same digests.
 
-    python scripts/bench_trace.py --steps 600
+    python scripts/bench_trace.py --steps 600 [--json FILE]
+
+The figures also go to FILE (default docs/figures/bench-trace.json, which docs/performance.md quotes).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from xbackend.testing.traces import MOSHI_7B_VOCAB, synthetic_trace  # noqa: E402
 from xbackend.store.trace import load_trace  # noqa: E402
+from xbackend.testing.figures import FIGURES, machine, write_figures  # noqa: E402
 
 N_USER = 8
 
@@ -43,7 +46,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", default=str(FIGURES / "bench-trace.json"), help="figures file")
     args = ap.parse_args()
+    started, figures = machine(), {"steps": args.steps, "repeats": args.repeats, "vocab": sum(MOSHI_7B_VOCAB), "stored": {}}
     vocab = list(MOSHI_7B_VOCAB)
     print(f"vocabulary {vocab[0]} + {len(vocab) - 1} x {vocab[1]} = {sum(vocab)} logits per step, {args.steps} steps")
     with tempfile.TemporaryDirectory(prefix="xbackend-bench-trace-") as tmp:
@@ -64,11 +69,17 @@ def main() -> None:
             verified = timed(lambda: load_trace(tr.path), args.repeats)
             fast = timed(lambda: load_trace(tr.path, verify=False), args.repeats)
             mb = logits / 1e6
+            figures["stored"][stored] = {
+                "kB_per_step": round(size / args.steps / 1e3, 1), "MB": round(size / 1e6, 1),
+                "load_ms": round(fast * 1e3, 1), "load_verified_ms": round(verified * 1e3, 1),
+                "verify_ms_per_MB_float32": round((verified - fast) * 1e3 / (sum(vocab) * 4 * args.steps / 1e6), 2)}
             print(f"{stored:8}: {size / args.steps / 1e3:7.1f} kB per step on disk ({size / 1e6:.1f} MB in all, "
                   f"logits {logits / args.steps / 1e3:.1f} kB/step); load {fast * 1e3:6.1f} ms without digest "
                   f"verification, {verified * 1e3:6.1f} ms with it: {(verified - fast) * 1e3 / mb:.2f} ms per MB "
                   f"of stored logits ({(verified - fast) * 1e3 / (sum(vocab) * 4 * args.steps / 1e6):.2f} ms per MB "
                   "of float32 values)")
+    write_figures(args.json, figures, started=started)
+    print(f"figures written to {args.json}")
 
 
 def _to_bf16(step: int, stream: int, z: np.ndarray) -> np.ndarray:
