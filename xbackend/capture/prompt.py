@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..codecs.base import FRAME_SIZE, SAMPLE_RATE
+from ..codecs.base import FRAME_SIZE, SAMPLE_RATE, frame_count
 from ..errors import XBackendError
 from .models import REFERENCE, ModelRef, codec_for
 
@@ -181,7 +181,7 @@ def prompt_of_codes(codes: np.ndarray, source: str, frames: int | None = None) -
 def encode_audio(audio: np.ndarray, model: ModelRef, steps: int) -> tuple[np.ndarray, int]:
     """Codes for `max(steps, the audio's frames)` frames, and the audio's own frame count: the streaming
     encoder, one frame a call, over the audio and then silence (the last partial frame is zero-padded)."""
-    own = max(1, -(-audio.shape[0] // FRAME_SIZE))
+    own = frame_count(audio.shape[0])
     if model.n_user == 0:
         return np.zeros((0, max(steps, own)), dtype=np.int64), own
     codec = codec_for(model, model.n_user, same_bins=False)  # its codes must only fit the model's card

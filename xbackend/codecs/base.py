@@ -88,10 +88,15 @@ def check_codebooks(ref: CodecRef, n_codebooks: int) -> CodecInfo:
     return info
 
 
+def frame_count(samples: int) -> int:
+    """80 ms frames that hold `samples` (a last partial frame counts; at least one)."""
+    return max(1, -(-samples // FRAME_SIZE))
+
+
 def pad_to_frames(audio: np.ndarray) -> np.ndarray:
     """Zero-pad to a whole number of 80 ms frames: streaming encoders take exactly 1920 samples a call."""
     audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-    frames = max(1, -(-audio.shape[0] // FRAME_SIZE))
+    frames = frame_count(audio.shape[0])
     out = np.zeros(frames * FRAME_SIZE, dtype=np.float32)
     out[: audio.shape[0]] = audio
     return out
